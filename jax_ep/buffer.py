@@ -1,0 +1,238 @@
+"""``Buffer``: the user-facing object, in the spirit of DeepEP's ``deep_ep.Buffer``.
+
+Make one outside ``jit`` for a mesh axis, then call its methods inside
+``jax.shard_map`` over that axis. Each method takes and returns the per-rank
+view of the arrays.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jax_ep import _ops
+from jax_ep.handles import DispatchHandle, DispatchLayout
+
+BACKENDS = ("auto", "xla", "cuda")
+
+
+def _mesh_is_nvidia_gpu(mesh) -> bool:
+  # NVIDIA devices report kinds such as "NVIDIA H100 80GB HBM3".
+  return all(d.platform == "gpu" and "nvidia" in d.device_kind.lower()
+             for d in mesh.devices.flat)
+
+
+class Buffer:
+  """Expert-parallel communication over one mesh axis.
+
+  Args:
+    mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``) containing
+      ``axis_name``.
+    axis_name: the expert-parallel axis; its size is the number of ranks R.
+    backend: ``"xla"`` (portable ``lax.all_to_all``), ``"cuda"`` (our kernels
+      over NVLink peer memory) or ``"auto"`` (``"cuda"`` when the mesh devices
+      are NVIDIA GPUs and the extension was built with CUDA, else ``"xla"``).
+    num_nvl_bytes: size of the CUDA communication buffer per GPU; default
+      ``256 MiB``. ``Buffer.get_buffer_size_hint`` tells what a shape needs. A
+      call that needs more raises a ValueError at trace time.
+    num_sms: thread blocks the CUDA data-movement kernels use (bounded so XLA's
+      own kernels can run beside them).
+    timeout_s: how long a CUDA kernel waits for a peer before it reports
+      ``jax_ep: <op> timed out on rank <r>`` and aborts.
+
+  Creating a CUDA buffer is collective in a multi-process job: every process
+  must create its Buffers in the same order.
+  """
+
+  def __init__(self, mesh, axis_name: str = "ep", backend: str = "auto", *,
+               num_nvl_bytes: Optional[int] = None, num_sms: int = 20,
+               timeout_s: float = 100.0):
+    if not isinstance(mesh, jax.sharding.Mesh):
+      raise TypeError(f"jax_ep.Buffer: mesh must be a jax.sharding.Mesh, got "
+                      f"{type(mesh).__name__}.")
+    if axis_name not in mesh.axis_names:
+      raise ValueError(f"jax_ep.Buffer: axis_name {axis_name!r} is not an axis of "
+                       f"the mesh (axes: {mesh.axis_names}).")
+    if backend not in BACKENDS:
+      raise ValueError(f"jax_ep.Buffer: unknown backend {backend!r}; choose one of "
+                       f"{BACKENDS}.")
+    self.mesh = mesh
+    self.axis_name = axis_name
+    self.num_ranks = int(mesh.shape[axis_name])
+    if backend == "auto":
+      from jax_ep import _ext
+      backend = "cuda" if (_ext.has_cuda() and _mesh_is_nvidia_gpu(mesh)) else "xla"
+    if backend == "xla":
+      from jax_ep.backends.xla import XlaBackend
+      self._backend = XlaBackend(axis_name, self.num_ranks)
+    else:
+      from jax_ep.backends.cuda import CudaBackend
+      self._backend = CudaBackend(mesh, axis_name, num_nvl_bytes=num_nvl_bytes,
+                                  num_sms=num_sms, timeout_s=timeout_s)
+    self.backend = backend
+
+  # -- lifetime -------------------------------------------------------------
+  def destroy(self) -> None:
+    """Release the communication memory now (collective for the cuda backend)."""
+    destroy = getattr(self._backend, "destroy", None)
+    if destroy is not None:
+      destroy()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.destroy()
+
+  def __repr__(self):
+    return (f"jax_ep.Buffer(axis_name={self.axis_name!r}, num_ranks={self.num_ranks}, "
+            f"backend={self.backend!r})")
+
+  @staticmethod
+  def get_buffer_size_hint(num_tokens: int, hidden: int, num_ranks: int,
+                           num_topk: int, dtype=jnp.bfloat16,
+                           num_worst_tokens: Optional[int] = None) -> int:
+    """Bytes of CUDA communication buffer one GPU needs for this shape."""
+    from jax_ep.backends.cuda import buffer_bytes_needed
+    capacity = num_worst_tokens or num_tokens * num_ranks
+    return buffer_bytes_needed(num_ranks, num_tokens, capacity, hidden, num_topk,
+                               jnp.dtype(dtype).itemsize)
+
+  # -- ops (call inside shard_map over axis_name) -----------------------------
+  def get_dispatch_layout(self, topk_idx: jax.Array,
+                          num_experts: int) -> DispatchLayout:
+    """Where each local token goes.
+
+    Args:
+      topk_idx: ``[N, K]`` int32/int64 expert ids; ``-1`` (and any id outside
+        ``[0, num_experts)``) means no expert.
+      num_experts: total experts E, divisible by R.
+
+    Returns:
+      ``DispatchLayout(num_tokens_per_rank [R] int32, num_tokens_per_expert [E]
+      int32, is_token_in_rank [N, R] bool)``. Expert counts count ``(token, k)``
+      slots.
+    """
+    op = "get_dispatch_layout"
+    _ops.check_axis(self.axis_name, self.num_ranks, op)
+    num_experts = _ops.check_num_experts(num_experts, self.num_ranks, op)
+    shape = _ops._shape_of(topk_idx, "topk_idx", op)
+    if len(shape) != 2:
+      raise ValueError(f"jax_ep.{op}: topk_idx must have shape [num_tokens, "
+                       f"num_topk], got {shape}.")
+    topk_idx = _ops.check_topk_idx(topk_idx, shape[0], num_experts, op)
+    return self._backend.layout(topk_idx, num_experts)
+
+  def dispatch(self, x: jax.Array, topk_idx: Optional[jax.Array] = None,
+               topk_weights: Optional[jax.Array] = None,
+               num_experts: Optional[int] = None,
+               layout: Optional[DispatchLayout] = None,
+               num_worst_tokens: Optional[int] = None,
+               handle: Optional[DispatchHandle] = None):
+    """Send each token to every rank that holds one of its experts.
+
+    Args:
+      x: ``[N, H]`` bfloat16 or float32 tokens of this rank.
+      topk_idx: ``[N, K]`` int32/int64 global expert ids, ``-1`` = none. Ids
+        outside ``[0, num_experts)`` are ignored like ``-1``.
+      topk_weights: ``[N, K]`` float32 or None.
+      num_experts: E, static, divisible by R.
+      layout: the result of ``get_dispatch_layout`` for ``topk_idx``, or None
+        to compute it here.
+      num_worst_tokens: static receive capacity M; default ``N * R`` (never
+        overflows). Tokens beyond M rows are dropped: see
+        ``handle.num_dropped_tokens`` and ``jax_ep.check_no_dropped_tokens``.
+      handle: a previous dispatch's handle for a cached dispatch (same routing,
+        no layout work); then give only ``x`` (and optionally
+        ``topk_weights``, sent unmasked).
+
+    Returns:
+      ``(recv_x [M, H], recv_topk_idx [M, K] int32, recv_topk_weights [M, K]
+      float32 or None, num_recv_tokens_per_expert [E/R] int32, handle)``.
+      Rows are ordered by (source rank, source token); rows past the received
+      count are zero, with ``recv_topk_idx`` -1. ``recv_topk_idx`` holds local
+      expert ids (``e - rank * E/R``) for experts on this rank, else -1, and
+      ``recv_topk_weights`` the matching weights, else 0. A cached dispatch
+      returns ``(recv_x, None, recv_weights or None, None, handle)``.
+    """
+    op = "dispatch"
+    R = self.num_ranks
+    _ops.check_axis(self.axis_name, R, op)
+    x = _ops.check_x(x, op)
+    N = x.shape[0]
+    if handle is not None:
+      if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens)):
+        raise ValueError("jax_ep.dispatch: with handle= (cached dispatch) pass only "
+                         "x and optionally topk_weights; the routing and capacity "
+                         "come from the handle.")
+      handle = _ops.check_handle(handle, R, op, num_tokens=N)
+      weights = None
+      if topk_weights is not None:
+        if getattr(topk_weights, "ndim", None) != 2:
+          raise ValueError(f"jax_ep.dispatch: topk_weights must be [{N}, num_topk], "
+                           f"got {getattr(topk_weights, 'shape', None)}.")
+        weights = _ops.check_weights(topk_weights, (N, topk_weights.shape[1]), op,
+                                     "topk_weights")
+      recv_x, recv_w = _ops.cached_dispatch(self._backend, x, handle, weights)
+      return recv_x, None, recv_w, None, handle
+
+    if topk_idx is None or num_experts is None:
+      raise ValueError("jax_ep.dispatch: topk_idx and num_experts are required "
+                       "(or pass handle= for a cached dispatch).")
+    num_experts = _ops.check_num_experts(num_experts, R, op)
+    topk_idx = _ops.check_topk_idx(topk_idx, N, num_experts, op)
+    topk_weights = _ops.check_weights(topk_weights, topk_idx.shape, op, "topk_weights")
+    capacity = _ops.check_num_worst_tokens(num_worst_tokens, N, R, op)
+    if layout is None:
+      layout = self._backend.layout(topk_idx, num_experts)
+    else:
+      layout = _ops.check_layout(layout, N, R, num_experts, op)
+    return _ops.dispatch(self._backend, x, topk_idx, topk_weights, layout,
+                         num_experts, capacity)
+
+  def combine(self, y: jax.Array, handle: DispatchHandle,
+              topk_weights: Optional[jax.Array] = None):
+    """Sum the expert outputs of each token back on its home rank.
+
+    Args:
+      y: ``[M, H]`` bfloat16 or float32, row r for dispatch's receive row r.
+        Padding rows are ignored.
+      handle: the handle from the matching dispatch.
+      topk_weights: ``[M, K]`` float32 or None, reduced the same way (pass
+        dispatch's ``recv_topk_weights`` to get the original weights back).
+
+    Returns:
+      ``(combined_x [N, H] in y's dtype, combined_topk_weights [N, K] float32 or
+      None)``: ``combined_x[i]`` is the float32 sum of the rows received for
+      token i on every rank; tokens sent nowhere (or dropped everywhere) get
+      zeros. The sum is unweighted, as in DeepEP: weight ``y`` first.
+    """
+    op = "combine"
+    R = self.num_ranks
+    _ops.check_axis(self.axis_name, R, op)
+    y = _ops.check_x(y, op, name="y")
+    handle = _ops.check_handle(handle, R, op, capacity=y.shape[0])
+    weights = None
+    if topk_weights is not None:
+      if getattr(topk_weights, "ndim", None) != 2:
+        raise ValueError(f"jax_ep.combine: topk_weights must be [M, num_topk], got "
+                         f"{getattr(topk_weights, 'shape', None)}.")
+      weights = _ops.check_weights(topk_weights, (y.shape[0], topk_weights.shape[1]),
+                                   op, "topk_weights")
+    return _ops.combine(self._backend, y, handle, weights)
+
+
+def check_no_dropped_tokens(handle: DispatchHandle) -> None:
+  """Fail a ``checkify``-ed function when a dispatch dropped tokens.
+
+  Use inside a function wrapped with ``jax.experimental.checkify.checkify``;
+  the error names the number of tokens routed and the capacity. Without
+  checkify, read ``handle.num_dropped_tokens`` instead.
+  """
+  from jax.experimental import checkify
+  checkify.check(handle.num_recv_tokens <= handle.capacity,
+                 "jax_ep: {routed} tokens were routed to this rank but "
+                 "num_worst_tokens is {cap}; the excess was dropped.",
+                 routed=handle.num_recv_tokens,
+                 cap=jnp.int32(handle.capacity))

@@ -1,0 +1,67 @@
+"""Pytrees that carry dispatch state through jit, shard_map and scan.
+
+Both are registered dataclasses whose leaves are all jax arrays, so they can be
+returned from jitted functions, stored in a carry, or passed to ``combine`` in
+a different jitted function. Every backend produces the same handle; the
+meaning of each leaf is fixed by ``docs/design.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DispatchLayout:
+  """Where each token goes, as ``get_dispatch_layout`` computes it.
+
+  Unpacks in the documented order:
+  ``num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank = layout``.
+  """
+
+  num_tokens_per_rank: jax.Array  # [R] int32: tokens this rank sends to rank d.
+  num_tokens_per_expert: jax.Array  # [E] int32: (token, k) slots per expert.
+  is_token_in_rank: jax.Array  # [N, R] bool: token i goes to rank d.
+
+  def __iter__(self):
+    return iter((self.num_tokens_per_rank, self.num_tokens_per_expert,
+                 self.is_token_in_rank))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DispatchHandle:
+  """The routing of one dispatch, reused by ``combine`` and cached dispatch.
+
+  ``N`` is the number of local tokens, ``R`` the number of ranks and ``M`` the
+  receive capacity (``num_worst_tokens``).
+  """
+
+  send_pos: jax.Array  # [N, R] int32: row of token i on rank d, or -1.
+  recv_src_idx: jax.Array  # [M] int32: source token of each row, -1 = padding.
+  recv_src_rank: jax.Array  # [M] int32: source rank of each row, -1 = padding.
+  num_recv_tokens: jax.Array  # [] int32: tokens routed here (may exceed M).
+
+  @property
+  def num_tokens(self) -> int:
+    return self.send_pos.shape[0]
+
+  @property
+  def num_ranks(self) -> int:
+    return self.send_pos.shape[1]
+
+  @property
+  def capacity(self) -> int:
+    """``M``: rows in the receive buffers."""
+    return self.recv_src_idx.shape[0]
+
+  @property
+  def num_dropped_tokens(self) -> jax.Array:
+    """Tokens routed to this rank that did not fit in ``M`` rows (device int32).
+
+    Dropped tokens are not received, and ``combine`` counts them as zero.
+    """
+    return jnp.maximum(self.num_recv_tokens - self.capacity, 0)
