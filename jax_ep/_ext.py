@@ -14,6 +14,15 @@ def load():
   return _C
 
 
+def load_required():
+  """The extension module; a clear error when the package was not built."""
+  c = load()
+  if c is None:
+    raise RuntimeError("jax_ep._C is missing: install the package with "
+                       "`pip install --no-build-isolation .` (see README).")
+  return c
+
+
 def has_cuda() -> bool:
   c = load()
   return bool(c is not None and c.build_info().get("cuda"))

@@ -166,3 +166,171 @@ def run_per_rank(fn, mesh, *per_rank_args, axis_name: str = "ep"):
       *stack_per_rank(mesh, *per_rank_args, axis_name=axis_name))
   out = jax.tree_util.tree_map(np.asarray, out)
   return [jax.tree_util.tree_map(lambda o: o[r], out) for r in range(R)]
+
+
+# --------------------------------------------------------------------------
+# N-rank checks, run in every process by ``jax_ep.multiprocess.launch``.
+
+def _global_mesh(axis_name="ep"):
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devices), (axis_name,))
+
+
+def _to_global(mesh, per_rank, axis_name="ep"):
+  """Per-rank NumPy arrays (every process has all of them) -> a global [R, ...] array."""
+  full = np.stack(per_rank)
+  return jax.make_array_from_callback(full.shape, NamedSharding(mesh, P(axis_name)),
+                                      lambda index: full[index])
+
+
+def _local(out):
+  """The local rank's piece of a [R, ...] output."""
+  return np.asarray(out.addressable_shards[0].data)[0]
+
+
+def make_case(seed, num_ranks, num_tokens, hidden, num_topk, num_experts,
+              num_worst_tokens=None, dtype="float32"):
+  """Every rank's inputs and expert outputs from one seed, rounded to ``dtype``."""
+  rng = np.random.default_rng(seed)
+  cap = num_worst_tokens or num_tokens * num_ranks
+
+  def rounded(shape):
+    a = rng.standard_normal(shape).astype(np.float32)
+    return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
+
+  xs = [rounded((num_tokens, hidden)) for _ in range(num_ranks)]
+  idxs = [random_routing(rng, num_tokens, num_topk, num_experts) for _ in range(num_ranks)]
+  ws = [(rng.random((num_tokens, num_topk)) + 0.1).astype(np.float32)
+        for _ in range(num_ranks)]
+  ys = [rounded((cap, hidden)) for _ in range(num_ranks)]
+  x2s = [rounded((num_tokens, hidden)) for _ in range(num_ranks)]
+  return xs, idxs, ws, ys, x2s
+
+
+def check_contract(rank, num_ranks, *, seed=0, num_tokens=64, hidden=256, num_topk=4,
+                   num_experts=16, num_worst_tokens=None, dtype="bfloat16",
+                   backend="cuda", num_sms=8, repeats=2):
+  """Every dispatch/combine output of this rank against the NumPy reference.
+
+  Runs the whole sequence ``repeats`` times with fresh inputs, so stale data
+  from a previous run in reused memory cannot pass for a written row. Raises
+  AssertionError on a mismatch; returns a summary on success.
+  """
+  import jax_ep
+  mesh = _global_mesh()
+  R, N, H, K, E = num_ranks, num_tokens, hidden, num_topk, num_experts
+  cap = num_worst_tokens or N * R
+  jdt = jnp.dtype(dtype)
+  nbytes = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt, num_worst_tokens) \
+      if backend == "cuda" else None
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
+
+  def per_rank(x, idx, w, y, x2):
+    x, idx, w, y, x2 = x[0].astype(jdt), idx[0], w[0], y[0].astype(jdt), x2[0].astype(jdt)
+    layout = buf.get_dispatch_layout(idx, E)
+    recv_x, recv_idx, recv_w, counts, h = buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout,
+        num_worst_tokens=num_worst_tokens)
+    out, out_w = buf.combine(y, h, topk_weights=recv_w)
+    recv_x2, _, recv_w2, _, _ = buf.dispatch(x2, handle=h, topk_weights=w)
+    # Autodiff: the gradient of dispatch is a combine of the cotangent.
+    _, vjp = jax.vjp(lambda x: buf.dispatch(x, topk_idx=idx, num_experts=E,
+                                            num_worst_tokens=num_worst_tokens)[0], x)
+    (grad_x,) = vjp(y)
+    res = (layout.num_tokens_per_rank, layout.num_tokens_per_expert,
+           layout.is_token_in_rank, recv_x, recv_idx, recv_w, counts, h.send_pos,
+           h.recv_src_idx, h.recv_src_rank, h.num_recv_tokens, out, out_w, recv_x2,
+           recv_w2, grad_x)
+    return tuple(r[None] for r in res)
+
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  for rep in range(repeats):
+    xs, idxs, ws, ys, x2s = make_case((seed, rep), R, N, H, K, E, num_worst_tokens, dtype)
+    outs = fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, ys, x2s)])
+    (per_rank_counts, per_expert, in_rank, recv_x, recv_idx, recv_w, counts, send_pos,
+     src_idx, src_rank, num_recv, out, out_w, recv_x2, recv_w2, grad_x) = [
+         _local(o) for o in outs]
+    ref = reference_dispatch(xs, idxs, ws, E, num_worst_tokens)
+    ref2 = reference_dispatch(x2s, idxs, ws, E, num_worst_tokens)
+    e = ref[rank]
+    combined, combined_w = reference_combine(ys, ref, N, [r["recv_topk_weights"] for r in ref])
+    where = f"rank {rank}/{R} repeat {rep}"
+    np.testing.assert_array_equal(per_rank_counts, e["num_tokens_per_rank"], where)
+    np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
+    np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
+    np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
+    np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
+    np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
+    np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
+    np.testing.assert_array_equal(send_pos, e["send_pos"], where)
+    kept = e["recv_src"]
+    exp_rank = -np.ones(cap, np.int32)
+    exp_idx = -np.ones(cap, np.int32)
+    exp_w2 = np.zeros((cap, K), np.float32)
+    for row, (s, i) in enumerate(kept):
+      exp_rank[row], exp_idx[row] = s, i
+      exp_w2[row] = ws[s][i]
+    np.testing.assert_array_equal(src_rank, exp_rank, where)
+    np.testing.assert_array_equal(src_idx, exp_idx, where)
+    assert int(num_recv) == e["num_recv_tokens"], where
+    tol = dict(rtol=1e-2, atol=1e-2) if jdt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.astype(np.float32), combined[rank], err_msg=where, **tol)
+    np.testing.assert_allclose(out_w, combined_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
+    np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
+    np.testing.assert_array_equal(recv_w2, exp_w2, where)
+    grad_ref, _ = reference_combine(ys, ref, N)
+    np.testing.assert_allclose(grad_x.astype(np.float32), grad_ref[rank], err_msg=where, **tol)
+  buf.destroy()
+  return {"rank": rank, "num_recv_tokens": int(num_recv), "capacity": cap,
+          "repeats": repeats}
+
+
+def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
+  """Rank 0 dispatches while the other ranks never do: rank 0 must fail, not hang."""
+  import time
+  import jax_ep
+  mesh = _global_mesh()
+  buf = jax_ep.Buffer(mesh, "ep", backend="cuda", timeout_s=timeout_s,
+                      num_nvl_bytes=1 << 20)
+  N, E = 8, 2 * num_ranks
+  fn = jax.jit(jax.shard_map(
+      lambda x, i: buf.dispatch(x[0], topk_idx=i[0], num_experts=E)[0][None],
+      mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  xs, idxs, *_ = make_case(1, num_ranks, N, hidden, 2, E)
+  if rank != 0:
+    time.sleep(timeout_s * 5)
+    return {"rank": rank, "skipped_dispatch": True}
+  # Compiling is per process, so rank 0 runs alone: its barrier must time out.
+  out = fn(_to_global(mesh, xs), _to_global(mesh, idxs))
+  out.block_until_ready()
+  return {"rank": rank, "unexpected": "dispatch returned"}
+
+
+def check_cuda_vs_xla(rank, num_ranks, *, seed=0, num_tokens=128, hidden=512,
+                      num_topk=8, num_experts=32):
+  """Both backends on the same inputs, every output compared (one process, R=1)."""
+  import jax_ep
+  assert num_ranks == 1, "the xla backend needs XLA collectives across processes"
+  mesh = _global_mesh()
+  xs, idxs, ws, ys, _ = make_case(seed, 1, num_tokens, hidden, num_topk, num_experts,
+                                  dtype="bfloat16")
+  results = {}
+  for backend in ("cuda", "xla"):
+    buf = jax_ep.Buffer(mesh, "ep", backend=backend)
+
+    def per_rank(x, idx, w, y):
+      x, y = x[0].astype(jnp.bfloat16), y[0].astype(jnp.bfloat16)
+      recv_x, recv_idx, recv_w, counts, h = buf.dispatch(
+          x, topk_idx=idx[0], topk_weights=w[0], num_experts=num_experts)
+      out, out_w = buf.combine(y, h, topk_weights=recv_w)
+      g = jax.grad(lambda y: buf.combine(y, h)[0].astype(jnp.float32).sum())(y)
+      return jax.tree_util.tree_map(lambda a: a[None], (
+          recv_x, recv_idx, recv_w, counts, h, out, out_w, g))
+
+    fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    out = fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, ys)])
+    results[backend] = [np.asarray(a) for a in jax.tree_util.tree_leaves(out)]
+    buf.destroy()
+  for a, b in zip(results["cuda"], results["xla"]):
+    np.testing.assert_array_equal(a, b)
+  return {"rank": rank, "compared": len(results["cuda"])}

@@ -1,0 +1,223 @@
+"""The CUDA backend: our kernels over NVLink peer memory, as XLA FFI custom calls.
+
+``CudaBackend`` owns one communication buffer per local GPU of the mesh and
+maps every peer's buffer into it (CUDA IPC across processes, peer access inside
+a process). The ops are thin ``jax.ffi.ffi_call``s; ``ffi/handlers.cc`` checks
+and launches, ``ffi/intranode.cu`` moves the data. The buffer layout and the
+semantics are in ``docs/design.md``.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import weakref
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_ep import _ext
+from jax_ep.handles import DispatchHandle, DispatchLayout
+
+DEFAULT_NUM_NVL_BYTES = 256 << 20
+MAX_RANKS = 8
+MAX_TOPK = 32
+
+_registered = False
+_register_lock = threading.Lock()
+# Buffer ids must agree across processes: every process creates its Buffers in
+# the same order (creation is collective), so a counter is enough.
+_buffer_ids = itertools.count(1)
+
+
+def _cuda_module():
+  c = _ext.load()
+  if c is None or not c.build_info().get("cuda"):
+    raise RuntimeError("jax_ep: backend='cuda' needs the extension built with CUDA "
+                       "(nvcc present at `pip install` time); this install has "
+                       f"build_info()={_ext.build_info()}.")
+  return c
+
+
+def buffer_bytes_needed(num_ranks: int, num_tokens: int, num_worst_tokens: int,
+                        hidden: int, num_topk: int, elt_bytes: int) -> int:
+  """Bytes of communication buffer per GPU for one shape (``ffi/buffer_layout.h``)."""
+  return int(_ext.load_required().buffer_bytes_needed(
+      num_ranks, num_tokens, num_worst_tokens, hidden, num_topk, elt_bytes))
+
+
+def _register_targets(c) -> None:
+  global _registered
+  with _register_lock:
+    if _registered:
+      return
+    for name, capsule in c.ffi_targets().items():
+      jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _registered = True
+
+
+def _kv_client():
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
+class CudaBackend:
+  name = "cuda"
+
+  def __init__(self, mesh, axis_name: str, *, num_nvl_bytes=None, num_sms: int = 20,
+               timeout_s: float = 100.0):
+    c = _cuda_module()
+    self.axis_name = axis_name
+    self.num_ranks = int(mesh.shape[axis_name])
+    if not 1 <= self.num_ranks <= MAX_RANKS:
+      raise ValueError(f"jax_ep.Buffer: the cuda backend supports 1 to {MAX_RANKS} "
+                       f"ranks on axis {axis_name!r}, got {self.num_ranks}.")
+    if any(d.platform != "gpu" for d in mesh.devices.flat):
+      raise ValueError("jax_ep.Buffer: backend='cuda' needs a mesh of NVIDIA GPUs.")
+    if num_sms < 1:
+      raise ValueError(f"jax_ep.Buffer: num_sms must be >= 1, got {num_sms}.")
+    if timeout_s <= 0:
+      raise ValueError(f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s}.")
+    self.num_bytes = int(num_nvl_bytes or DEFAULT_NUM_NVL_BYTES)
+    self.num_sms = int(num_sms)
+    self.timeout_ns = int(timeout_s * 1e9)
+    self.buffer_id = next(_buffer_ids)
+    _register_targets(c)
+    self._c = c
+    self._local = {}  # device id -> DeviceBuffer
+    self._open(mesh)
+    self._finalizer = weakref.finalize(self, CudaBackend._release, c, self.buffer_id,
+                                       self._local, jax.process_count() > 1)
+
+  # -- buffer lifetime ----------------------------------------------------------
+  def _open(self, mesh) -> None:
+    c = self._c
+    axis = mesh.axis_names.index(self.axis_name)
+    devices = np.moveaxis(mesh.devices, axis, -1).reshape(-1, self.num_ranks)
+    me = jax.process_index()
+    multiprocess = jax.process_count() > 1
+    client = _kv_client() if multiprocess else None
+    for group in devices:
+      for d in group:
+        if d.process_index == me:
+          buf = c.DeviceBuffer(d.local_hardware_id, self.num_bytes)
+          self._local[d.id] = buf
+          if multiprocess:
+            client.key_value_set_bytes(f"jax_ep/{self.buffer_id}/{d.id}", buf.ipc_handle())
+    for group in devices:
+      for rank, d in enumerate(group):
+        if d.process_index != me:
+          continue
+        peers = []
+        for p in group:
+          if p.process_index == me:
+            peers.append(self._local[p.id])
+          else:
+            peers.append(client.blocking_key_value_get_bytes(
+                f"jax_ep/{self.buffer_id}/{p.id}", 300_000))
+        c.register_group(self.buffer_id, self._local[d.id], rank, self.num_ranks, peers)
+    if multiprocess:
+      client.wait_at_barrier(f"jax_ep/{self.buffer_id}/open", 300_000)
+
+  @staticmethod
+  def _release(c, buffer_id, local, multiprocess):
+    if not local:
+      return
+    for buf in local.values():
+      buf.synchronize()  # Our own kernels are done with every peer's memory.
+    if multiprocess:
+      try:  # Peers must stop using our memory before we free it.
+        _kv_client().wait_at_barrier(f"jax_ep/{buffer_id}/close", 300_000)
+      except Exception:  # The job is tearing down; free anyway.
+        pass
+    for buf in local.values():
+      c.unregister_group(buffer_id, buf.device_ordinal)
+      buf.free()
+    local.clear()
+
+  def destroy(self) -> None:
+    self._finalizer()
+
+  # -- trace-time checks ----------------------------------------------------------
+  def _check_shape(self, op, num_tokens, capacity, hidden, num_topk, dtype):
+    itemsize = jnp.dtype(dtype).itemsize
+    if hidden * itemsize % 16:
+      raise ValueError(f"jax_ep.{op}: the cuda backend needs rows of a multiple of "
+                       f"16 bytes; hidden={hidden} x {itemsize} bytes is not.")
+    if num_topk > MAX_TOPK:
+      raise ValueError(f"jax_ep.{op}: the cuda backend supports num_topk <= {MAX_TOPK}, "
+                       f"got {num_topk}.")
+    need = buffer_bytes_needed(self.num_ranks, num_tokens, capacity, hidden,
+                               num_topk, itemsize)
+    if need > self.num_bytes:
+      raise ValueError(
+          f"jax_ep.{op}: this shape needs {need} bytes of communication buffer per "
+          f"GPU but the Buffer has num_nvl_bytes={self.num_bytes}; make the Buffer "
+          f"with num_nvl_bytes=Buffer.get_buffer_size_hint(...) or more.")
+
+  def _attrs(self):
+    return dict(buffer_id=np.int64(self.buffer_id), num_sms=np.int64(self.num_sms),
+                timeout_ns=np.int64(self.timeout_ns))
+
+  def _rank(self):
+    return lax.axis_index(self.axis_name).astype(jnp.int32)
+
+  # -- ops ------------------------------------------------------------------------
+  def layout(self, topk_idx, num_experts):
+    N, R = topk_idx.shape[0], self.num_ranks
+    call = jax.ffi.ffi_call("jax_ep_layout", (
+        jax.ShapeDtypeStruct((R,), jnp.int32),
+        jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+        jax.ShapeDtypeStruct((N, R), jnp.bool_)))
+    return DispatchLayout(*call(topk_idx, num_experts=np.int64(num_experts),
+                                num_ranks=np.int64(R)))
+
+  def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
+    (N, H), K, R, M = x.shape, topk_idx.shape[1], self.num_ranks, num_worst_tokens
+    self._check_shape("dispatch", N, M, H, K, x.dtype)
+    weights = topk_weights if topk_weights is not None else jnp.zeros((N, K), jnp.float32)
+    i32 = jnp.int32
+    call = jax.ffi.ffi_call("jax_ep_dispatch", (
+        jax.ShapeDtypeStruct((M, H), x.dtype),
+        jax.ShapeDtypeStruct((M, K), i32),
+        jax.ShapeDtypeStruct((M, K), jnp.float32),
+        jax.ShapeDtypeStruct((num_experts // R,), i32),
+        jax.ShapeDtypeStruct((N, R), i32),
+        jax.ShapeDtypeStruct((M,), i32),
+        jax.ShapeDtypeStruct((M,), i32),
+        jax.ShapeDtypeStruct((), i32)))
+    (recv_x, recv_idx, recv_w, counts, send_pos, src_idx, src_rank,
+     num_recv) = call(x, topk_idx, weights, layout.is_token_in_rank,
+                      layout.num_tokens_per_rank, self._rank(),
+                      num_experts=np.int64(num_experts), **self._attrs())
+    handle = DispatchHandle(send_pos, src_idx, src_rank, num_recv)
+    return (recv_x, recv_idx, recv_w if topk_weights is not None else None, counts,
+            handle)
+
+  def cached_dispatch(self, x, weights, handle):
+    (N, H), M = x.shape, handle.capacity
+    K = weights.shape[1] if weights is not None else 1
+    self._check_shape("dispatch", N, M, H, K, x.dtype)
+    w = weights if weights is not None else jnp.zeros((N, K), jnp.float32)
+    call = jax.ffi.ffi_call("jax_ep_cached_dispatch", (
+        jax.ShapeDtypeStruct((M, H), x.dtype),
+        jax.ShapeDtypeStruct((M, K), jnp.float32)))
+    recv_x, recv_w = call(x, w, handle.send_pos, handle.num_recv_tokens, self._rank(),
+                          has_weights=np.int64(weights is not None), **self._attrs())
+    return recv_x, (recv_w if weights is not None else None)
+
+  def combine(self, y, weights, handle):
+    (M, H), N = y.shape, handle.num_tokens
+    K = weights.shape[1] if weights is not None else 1
+    self._check_shape("combine", N, M, H, K, y.dtype)
+    w = weights if weights is not None else jnp.zeros((M, K), jnp.float32)
+    call = jax.ffi.ffi_call("jax_ep_combine", (
+        jax.ShapeDtypeStruct((N, H), y.dtype),
+        jax.ShapeDtypeStruct((N, K), jnp.float32)))
+    out, out_w = call(y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
+                      handle.num_recv_tokens, self._rank(),
+                      has_weights=np.int64(weights is not None), **self._attrs())
+    return out, (out_w if weights is not None else None)

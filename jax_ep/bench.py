@@ -1,0 +1,244 @@
+"""``python -m jax_ep.bench``: dispatch and combine timings, every backend side by side.
+
+Shapes: DeepEP's (4096 tokens per rank, hidden 7168, top-8, 256 experts) and a
+small one (128 tokens per rank). GB/s is counted as DeepEP counts it: bytes of
+token rows a rank sends to *other* ranks (dispatch) or receives back from them
+(combine), per rank, divided by the op's time. With one rank nothing crosses,
+so the table then gives the HBM traffic of our local kernels instead, next to
+the measured device-to-device copy bandwidth (read + write counted).
+
+Timing: each op runs ``iters`` times back to back inside one jitted program
+(every call depends on the previous one, so XLA can neither hoist nor merge
+them); the program is timed with the host clock after a warm-up run, and the
+median of ``reps`` runs divided by ``iters`` is reported. Kernels are enqueued
+asynchronously, so host overhead is amortised over the ``iters`` calls.
+
+``--ranks N`` runs N processes on one machine as N ranks (``jax_ep.multiprocess``);
+on one GPU that emulates N ranks and says nothing about NVLink.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
+    "deepep": (4096, 7168, 8, 256),
+    "small": (128, 7168, 8, 256),
+}
+
+
+def _median_seconds(fn, args, reps):
+  import numpy as np
+  import jax
+  run = lambda: jax.block_until_ready(fn(*args))
+  run()  # compile + warm up
+  run()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def copy_bandwidth(device=None, num_bytes=1 << 30, iters=20, reps=7) -> float:
+  """Device-to-device streaming bandwidth in GB/s, bytes read + written counted."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  x = jax.device_put(jnp.ones((num_bytes // 2,), jnp.bfloat16), device)
+
+  @jax.jit
+  def run(x):
+    for _ in range(iters):  # the barrier keeps XLA from fusing the passes
+      x = lax.optimization_barrier(x + jnp.bfloat16(1))
+    return x[:1]
+
+  t = _median_seconds(run, (x,), reps) / iters
+  return 2 * num_bytes / t / 1e9
+
+
+def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
+                 iters=20, reps=7, seed=0, to_global=None):
+  """Per-op seconds for layout, dispatch, cached dispatch and combine on ``mesh``."""
+  import numpy as np
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  import jax_ep
+  from jax_ep import testing as ept
+
+  R = mesh.shape["ep"]
+  N, H, K, E = num_tokens, hidden, num_topk, num_experts
+  nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16)
+            if backend == "cuda" else None)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes)
+  rng = np.random.default_rng(seed)
+  xs = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  idxs = [ept.random_routing(rng, N, K, E, none_fraction=0.0, invalid_fraction=0.0)
+          for _ in range(R)]
+  ws = [rng.random((N, K)).astype(np.float32) for _ in range(R)]
+  to_global = to_global or (lambda m, a: ept.stack_per_rank(m, a)[0])
+  args = [to_global(mesh, a) for a in (xs, idxs, ws)]
+  shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+  def layout_loop(x, idx, w):
+    idx = idx[0]
+    acc = jnp.zeros((), jnp.int32)
+    for _ in range(iters):
+      layout = buf.get_dispatch_layout(idx, E)
+      acc = acc + layout.num_tokens_per_rank[0]
+      idx = idx.at[0, 0].set(jnp.where(acc < 0, -1, idx[0, 0]))
+    return acc[None]
+
+  def dispatch_loop(x, idx, w):
+    x, idx, w = x[0].astype(jnp.bfloat16), idx[0], w[0]
+    layout = buf.get_dispatch_layout(idx, E)
+    for _ in range(iters):
+      recv_x, _, recv_w, _, h = buf.dispatch(x, topk_idx=idx, topk_weights=w,
+                                             num_experts=E, layout=layout)
+      x = x.at[0, 0].set(recv_x[0, 0])  # chain the calls
+    return recv_x[:1, :1][None], h.num_recv_tokens[None]
+
+  def cached_loop(x, idx, w):
+    x, idx = x[0].astype(jnp.bfloat16), idx[0]
+    h = buf.dispatch(x, topk_idx=idx, num_experts=E)[4]
+    for _ in range(iters):
+      recv_x = buf.dispatch(x, handle=h)[0]
+      x = x.at[0, 0].set(recv_x[0, 0])
+    return recv_x[:1, :1][None]
+
+  def combine_loop(x, idx, w):
+    x, idx = x[0].astype(jnp.bfloat16), idx[0]
+    recv_x, _, _, _, h = buf.dispatch(x, topk_idx=idx, num_experts=E)
+    y = recv_x
+    for _ in range(iters):
+      out, _ = buf.combine(y, h)
+      y = y.at[0, 0].set(out[0, 0])
+    return out[:1, :1][None]
+
+  res = {}
+  for name, f in (("layout", layout_loop), ("dispatch", dispatch_loop),
+                  ("cached_dispatch", cached_loop), ("combine", combine_loop)):
+    res[name] = _median_seconds(shard(f), args, reps) / iters
+  # DeepEP's byte count: rows this rank sends to / gets back from other ranks.
+  rank = jax.process_index() if jax.process_count() > 1 else 0
+  layouts = [ept.reference_layout(i, E, R)[2] for i in idxs]
+  crossing = sum(int(np.delete(l, s, axis=1).sum()) for s, l in enumerate(layouts)) / R
+  res["crossing_bytes"] = crossing * H * 2
+  # HBM traffic of the local data path when every token stays here (R = 1):
+  # send reads x and writes the buffer, the copy-out reads it and writes recv_x.
+  res["local_bytes"] = 4 * N * H * 2 if R == 1 else None
+  res["rank"] = rank
+  buf.destroy()
+  return res
+
+
+def rank_bench(rank, num_ranks, shapes, iters, reps):
+  """One rank of a multi-process benchmark (cuda backend only: no XLA collectives)."""
+  from jax_ep import testing as ept
+  mesh = ept._global_mesh()
+  out = {}
+  for s in shapes:
+    out[s] = time_backend(mesh, "cuda", *SHAPES[s], iters=iters, reps=reps,
+                          to_global=ept._to_global)
+  return out
+
+
+def _row(backend, ranks, shape, res, copy_gbps):
+  n, h, k, e = SHAPES[shape]
+  cells = [backend, str(ranks), shape, f"{n}x{h} top{k} E{e}"]
+  for op in ("layout", "dispatch", "cached_dispatch", "combine"):
+    cells.append(f"{res[op] * 1e6:.1f}")
+  if ranks > 1:
+    gb = res["crossing_bytes"] / 1e9
+    cells += [f"{gb / res['dispatch']:.1f}", f"{gb / res['combine']:.1f}", "crossing"]
+  else:
+    gb = res["local_bytes"] / 1e9
+    cells += [f"{gb / res['dispatch']:.0f}", f"{gb / res['combine']:.0f}",
+              f"HBM (copy {copy_gbps:.0f})" if copy_gbps else "HBM"]
+  return cells
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__)
+  ap.add_argument("--shapes", default="deepep,small")
+  ap.add_argument("--backends", default="all", help="comma list of xla,cuda or all")
+  ap.add_argument("--ranks", type=int, default=0,
+                  help="N > 0: N processes as N ranks (cuda backend); 0: all local devices")
+  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--reps", type=int, default=7)
+  ap.add_argument("--out", default="", help="folder for results.json and bench.png")
+  args = ap.parse_args(argv)
+  shapes = args.shapes.split(",")
+
+  rows = []
+  if args.ranks:
+    from jax_ep.multiprocess import launch
+    env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
+    res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=550,
+                 kwargs=dict(shapes=shapes, iters=args.iters, reps=args.reps))
+    for s in shapes:
+      worst = {op: max(r[s][op] for r in res) for op in
+               ("layout", "dispatch", "cached_dispatch", "combine")}
+      worst["crossing_bytes"] = res[0][s]["crossing_bytes"]
+      rows.append(_row("cuda", args.ranks, s, worst, None))
+    device = "emulated ranks on one device"
+  else:
+    import numpy as np
+    import jax
+    from jax.sharding import Mesh
+    import jax_ep
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("ep",))
+    backends = (["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
+    if "cuda" in backends and not (jax_ep.build_info()["cuda"] and devices[0].platform == "gpu"):
+      backends.remove("cuda")
+    copy_gbps = copy_bandwidth(devices[0]) if devices[0].platform == "gpu" else None
+    for s in shapes:
+      for b in backends:
+        rows.append(_row(b, len(devices), s, time_backend(
+            mesh, b, *SHAPES[s], iters=args.iters, reps=args.reps), copy_gbps))
+    device = f"{len(devices)} x {devices[0].device_kind}"
+
+  header = ["backend", "ranks", "shape", "size", "layout us", "dispatch us",
+            "cached us", "combine us", "dispatch GB/s", "combine GB/s", "GB/s of"]
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  print(f"jax_ep.bench on {device}")
+  print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+  for r in rows:
+    print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump({"device": device, "header": header, "rows": rows}, f, indent=1)
+    _plot(rows, device, os.path.join(args.out, "bench.png"))
+  return 0
+
+
+def _plot(rows, device, path):
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing: no plot")
+    return
+  labels = [f"{r[0]} R{r[1]}\n{r[2]}" for r in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+  xs = range(len(rows))
+  ax.bar([x - 0.2 for x in xs], [float(r[5]) for r in rows], 0.4, label="dispatch")
+  ax.bar([x + 0.2 for x in xs], [float(r[7]) for r in rows], 0.4, label="combine")
+  ax.set_xticks(list(xs), labels, fontsize=8)
+  ax.set_ylabel("microseconds per op (lower is better)")
+  ax.set_title(f"jax_ep on {device}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
