@@ -1,0 +1,123 @@
+#include "cuda_bindings.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+#include <nanobind/stl/string.h>
+
+#include "xla/ffi/api/ffi.h"
+
+#include "buffer_layout.h"
+#include "runtime.h"
+
+// Defined in handlers.cc.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLayout);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCachedDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCombine);
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace jax_ep {
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "not an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+void BindCuda(nb::module_& m) {
+  m.def("ffi_targets", []() {
+    nb::dict d;
+    d["jax_ep_layout"] = EncapsulateHandler(JaxEpLayout);
+    d["jax_ep_dispatch"] = EncapsulateHandler(JaxEpDispatch);
+    d["jax_ep_cached_dispatch"] = EncapsulateHandler(JaxEpCachedDispatch);
+    d["jax_ep_combine"] = EncapsulateHandler(JaxEpCombine);
+    return d;
+  });
+
+  // std::runtime_error from the runtime becomes RuntimeError in Python.
+  nb::class_<DeviceBuffer>(m, "DeviceBuffer")
+      .def(nb::init<int, int64_t>(), "device_ordinal"_a, "num_bytes"_a)
+      .def("ipc_handle",
+           [](const DeviceBuffer& b) {
+             const std::string h = b.IpcHandle();
+             return nb::bytes(h.data(), h.size());
+           })
+      .def_prop_ro("ptr",
+                   [](const DeviceBuffer& b) {
+                     return static_cast<uint64_t>(
+                         reinterpret_cast<uintptr_t>(b.ptr()));
+                   })
+      .def_prop_ro("num_bytes", &DeviceBuffer::num_bytes)
+      .def_prop_ro("device_ordinal", &DeviceBuffer::device_ordinal)
+      .def("free", &DeviceBuffer::Free)
+      .def("synchronize", &DeviceBuffer::Synchronize,
+           nb::call_guard<nb::gil_scoped_release>());
+
+  m.def(
+      "register_group",
+      [](int64_t buffer_id, const DeviceBuffer& local, int rank, int num_ranks,
+         nb::list peers) {
+        std::vector<PeerSpec> specs;
+        specs.reserve(nb::len(peers));
+        for (nb::handle h : peers) {
+          PeerSpec s;
+          if (nb::isinstance<DeviceBuffer>(h)) {
+            const DeviceBuffer& b = nb::cast<const DeviceBuffer&>(h);
+            if (b.ptr() == nullptr) {
+              throw std::runtime_error("jax_ep: register_group: a peer DeviceBuffer was freed");
+            }
+            s.local_ptr = b.ptr();
+            s.local_device = b.device_ordinal();
+            s.local_bytes = b.num_bytes();
+          } else if (nb::isinstance<nb::bytes>(h)) {
+            nb::bytes bytes = nb::borrow<nb::bytes>(h);
+            s.ipc_handle.assign(static_cast<const char*>(bytes.data()), bytes.size());
+          } else {
+            throw nb::type_error(
+                "register_group: peers must hold DeviceBuffer or bytes (IPC handle)");
+          }
+          specs.push_back(std::move(s));
+        }
+        nb::gil_scoped_release release;
+        RegisterGroup(buffer_id, local, rank, num_ranks, specs);
+      },
+      "buffer_id"_a, "local"_a, "rank"_a, "num_ranks"_a, "peers"_a);
+
+  m.def(
+      "unregister_group",
+      [](int64_t buffer_id, int device_ordinal) {
+        nb::gil_scoped_release release;
+        UnregisterGroup(buffer_id, device_ordinal);
+      },
+      "buffer_id"_a, "device_ordinal"_a);
+
+  // 0 when no usable driver/device (CPU-only machines) instead of raising.
+  m.def("cuda_device_count", []() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  });
+
+  m.def("cuda_runtime_version", []() {
+    int v = 0;
+    if (cudaRuntimeGetVersion(&v) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return v;
+  });
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,72 @@
+// Host runtime: communication buffers and the group registry the FFI
+// handlers consult. Plain C++ (cuda_runtime_api.h only), thread-safe.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+
+#include "buffer_layout.h"
+
+namespace jax_ep {
+
+// One zeroed cudaMalloc allocation on one device. Errors are reported by
+// throwing std::runtime_error carrying the CUDA error string.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(int device_ordinal, int64_t num_bytes);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  // 64-byte cudaIpcMemHandle_t of the allocation, as raw bytes.
+  std::string IpcHandle() const;
+  void Free();  // idempotent
+  // Waits for all work on this buffer's device (ours and XLA's), so nothing
+  // still reads or writes peers' memory when the group is torn down.
+  void Synchronize() const;
+
+  void* ptr() const { return ptr_; }
+  int64_t num_bytes() const { return num_bytes_; }
+  int device_ordinal() const { return device_ordinal_; }
+
+ private:
+  void* ptr_ = nullptr;
+  int64_t num_bytes_ = 0;
+  int device_ordinal_ = -1;
+};
+
+// A group member as given to RegisterGroup: either a buffer of this process
+// (`local_ptr` set, with its device) or a peer process's IPC handle.
+struct PeerSpec {
+  void* local_ptr = nullptr;
+  int local_device = -1;
+  int64_t local_bytes = 0;
+  std::string ipc_handle;  // used when local_ptr == nullptr
+};
+
+// What a handler needs about the group of (buffer_id, device_ordinal).
+struct GroupEntry {
+  void* local_ptr = nullptr;
+  int64_t num_bytes = 0;  // min over the local and same-process peer buffers
+  int rank = 0;
+  int num_ranks = 0;
+  std::array<char*, kMaxRanks> peers{};  // rank order, as mapped here
+};
+
+// Maps every peer into `local`'s device and records the group. Replaces an
+// existing entry with the same key (closing its IPC mappings). Throws
+// std::runtime_error on failure.
+void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank,
+                   int num_ranks, const std::vector<PeerSpec>& peers);
+
+// Closes the IPC mappings of the entry; no-op for an unknown key.
+void UnregisterGroup(int64_t buffer_id, int device_ordinal);
+
+// Copies the entry out; false when the key is unknown.
+bool LookupGroup(int64_t buffer_id, int device_ordinal, GroupEntry* out);
+
+}  // namespace jax_ep
