@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Build jax_ep on a GPU machine, run the GPU tests and the benchmark, print a table last.
+# Usage: tools/gpu_check.sh [build] [tests] [bench] [bench-ranks]   (default: all)
+# Logs go to $OUT (the device tool's return folder) or /tmp/jax_ep_gpu_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jax_ep_gpu_check}
+mkdir -p "$OUT"
+stages=${*:-build tests bench bench-ranks}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+status=0
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+if has build; then
+  echo "=== build"
+  t0=$(date +%s)
+  $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
+    || { tail -50 "$OUT/build.log"; exit 1; }
+  echo "built in $(( $(date +%s) - t0 )) s"
+  $PY -c "import jax_ep; print(jax_ep.build_info())"
+fi
+
+# MPS lets the emulated ranks' kernels run concurrently on the one GPU.
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/jax_ep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/jax_ep_mps_log
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
+
+if has tests; then
+  echo "=== GPU tests"
+  timeout 420 $PY -m pytest -q -rs tests/gpu ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench; then
+  echo "=== bench (all local devices)"
+  JAX_PLATFORMS=cuda timeout 300 $PY -m jax_ep.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench-ranks; then
+  for r in ${BENCH_RANKS:-2 8}; do
+    echo "=== bench, $r emulated ranks on one GPU"
+    timeout 300 $PY -m jax_ep.bench --ranks "$r" --iters 10 --reps 5 2>&1 \
+      | tee "$OUT/bench_ranks$r.log" | tail -6
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+fi
+echo "=== summary"
+grep -h -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -2
+cat "$OUT"/bench.log 2>/dev/null | tail -6
+exit $status
