@@ -54,7 +54,7 @@ def test_cuda_matches_xla_on_one_gpu():
 
 
 def test_timeout_names_op_and_rank():
-  outputs = launch("jax_ep.testing:check_timeout", 2, env=GPU_ENV, timeout_s=120,
+  outputs = launch("jax_ep.testing:check_timeout", 2, env=GPU_ENV, timeout_s=90,
                    expect_failure=True, kwargs=dict(timeout_s=2.0))
   code, out, err = outputs[0]
   assert code != 0, out
