@@ -123,9 +123,24 @@ __device__ __forceinline__ int* HeaderInt(char* base, int64_t byte_offset) {
 // DeepEP's intranode barrier_block; the epoch counter lets the signals grow
 // monotonically so they never need resetting.
 // ---------------------------------------------------------------------------
+__device__ __forceinline__ void RecordTimeout(int* record, OpId op, int rank,
+                                              int peer) {
+  if (record == nullptr) return;
+  // First writer wins; state 2 = complete, read by the host after the trap.
+  if (atomicCAS_system(record, 0, 1) == 0) {
+    volatile int* r = record;
+    r[1] = static_cast<int>(op);
+    r[2] = rank;
+    r[3] = peer;
+    __threadfence_system();
+    atomicExch_system(record, 2);
+  }
+}
+
 __device__ __forceinline__ void CrossRankBarrier(const PeerBases& peers,
                                                  int num_ranks, int rank,
-                                                 int64_t timeout_ns, OpId op) {
+                                                 int64_t timeout_ns, OpId op,
+                                                 int* fault_record) {
   char* self = PeerAt(peers, rank);
   int* signal = HeaderInt(self, kBarrierSignalOffset);
   int* epoch = HeaderInt(self, kBarrierEpochOffset);
@@ -143,6 +158,7 @@ __device__ __forceinline__ void CrossRankBarrier(const PeerBases& peers,
     while (LoadAcquireSys(signal + t) - target < 0) {
       if (timeout_ns > 0 &&
           GlobalTimerNs() - start > static_cast<uint64_t>(timeout_ns)) {
+        RecordTimeout(fault_record, op, rank, t);
         printf("jax_ep: %s timed out on rank %d waiting for rank %d\n",
                OpName(op), rank, t);
         __trap();

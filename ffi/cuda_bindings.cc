@@ -100,6 +100,15 @@ void BindCuda(nb::module_& m) {
       },
       "buffer_id"_a, "device_ordinal"_a);
 
+  // (op, rank, peer) of a barrier of this process that timed out, else None.
+  m.def("timeout_record", []() -> nb::object {
+    int op = 0, rank = 0, peer = 0;
+    if (!ReadFaultRecord(&op, &rank, &peer)) return nb::none();
+    static const char* kOps[] = {"dispatch", "cached_dispatch", "combine"};
+    const char* name = (op >= 0 && op < 3) ? kOps[op] : "unknown op";
+    return nb::make_tuple(name, rank, peer);
+  });
+
   // 0 when no usable driver/device (CPU-only machines) instead of raising.
   m.def("cuda_device_count", []() {
     int n = 0;

@@ -155,6 +155,7 @@ ffi::Error FindGroup(const char* op, int64_t buffer_id, int32_t device,
   for (int d = 0; d < kMaxRanks; ++d) view->peers[d] = e.peers[d];
   view->num_ranks = e.num_ranks;
   view->registered_rank = e.rank;
+  view->fault_record = e.fault_record;
   return ffi::Error::Success();
 }
 

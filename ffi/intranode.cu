@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kBarrierThreads)
     BarrierKernel(GroupView g, const int32_t* rank_ptr, int64_t timeout_ns,
                   OpId op) {
   const int rank = CheckedRank(g, rank_ptr, op);
-  CrossRankBarrier(ToPeers(g), g.num_ranks, rank, timeout_ns, op);
+  CrossRankBarrier(ToPeers(g), g.num_ranks, rank, timeout_ns, op, g.fault_record);
 }
 
 // ---------------------------------------------------------------------------
@@ -172,12 +172,12 @@ __global__ void __launch_bounds__(kScanThreads)
   const int warp = WarpId();
 
   // Nobody may overwrite a header/data region a peer still reads.
-  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch);
+  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
   if (t < R) {
     int* dst = HeaderInt(PeerAt(peers, t), kCountsOffset) + rank * kMaxRanks;
     for (int j = 0; j < R; ++j) dst[j] = __ldg(num_tokens_per_rank + j);
   }
-  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch);
+  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
 
   __shared__ int s_offset[kMaxRanks];  // rows before our block on rank d
   __shared__ int s_carry[kMaxRanks];   // our tokens to rank d in earlier tiles

@@ -17,6 +17,10 @@ struct GroupView {
   char* peers[kMaxRanks];
   int num_ranks;
   int registered_rank;  // the barrier checks the device rank operand against it
+  // Host-mapped int32[4] {state, op, rank, peer}: a timed-out barrier records
+  // itself here before it traps, so the host can name the op and ranks even
+  // when the kernel's printf is lost with the CUDA context (runtime.h).
+  int* fault_record;
 };
 
 // Forces the module holding every jax_ep kernel to load on the current

@@ -67,6 +67,31 @@ void CloseMappings(const Registered& reg) {
 
 }  // namespace
 
+int* FaultRecord() {
+  static std::mutex m;
+  static int* record = nullptr;
+  std::lock_guard<std::mutex> lock(m);
+  if (record == nullptr) {
+    void* p = nullptr;
+    // Portable + mapped: one pinned allocation visible from every device
+    // (unified addressing makes the host pointer valid on the device).
+    Check(cudaHostAlloc(&p, 4 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
+          "cudaHostAlloc(fault record)");
+    std::memset(p, 0, 4 * sizeof(int));
+    record = static_cast<int*>(p);
+  }
+  return record;
+}
+
+bool ReadFaultRecord(int* op, int* rank, int* peer) {
+  const volatile int* r = FaultRecord();
+  if (r[0] != 2) return false;
+  *op = r[1];
+  *rank = r[2];
+  *peer = r[3];
+  return true;
+}
+
 DeviceBuffer::DeviceBuffer(int device_ordinal, int64_t num_bytes)
     : num_bytes_(num_bytes), device_ordinal_(device_ordinal) {
   if (num_bytes <= 0) throw std::runtime_error("jax_ep: DeviceBuffer size must be > 0");
@@ -135,6 +160,7 @@ void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank,
   reg.entry.num_bytes = local.num_bytes();
   reg.entry.rank = rank;
   reg.entry.num_ranks = num_ranks;
+  reg.entry.fault_record = FaultRecord();
   try {
     ScopedDevice scope(dev);
     Check(PreloadKernels(), "loading the jax_ep kernels");

@@ -55,7 +55,16 @@ struct GroupEntry {
   int rank = 0;
   int num_ranks = 0;
   std::array<char*, kMaxRanks> peers{};  // rank order, as mapped here
+  int* fault_record = nullptr;           // FaultRecord(), see below
 };
+
+// The process's host-mapped int32[4] {state, op, rank, peer} that a barrier
+// fills before trapping on a timeout (state 2 = written). Allocated on first
+// use; throws std::runtime_error on failure.
+int* FaultRecord();
+
+// True (and op, rank, peer) when some barrier of this process timed out.
+bool ReadFaultRecord(int* op, int* rank, int* peer);
 
 // Maps every peer into `local`'s device and records the group. Replaces an
 // existing entry with the same key (closing its IPC mappings). Throws

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import sys
 import threading
 import weakref
 
@@ -56,7 +57,55 @@ def _register_targets(c) -> None:
       return
     for name, capsule in c.ffi_targets().items():
       jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+    _install_timeout_reporter(c)
     _registered = True
+
+
+def timeout_message():
+  """``"jax_ep: <op> timed out on rank r waiting for rank s"``, or None.
+
+  A kernel that waits too long for a peer records who it was waiting for in
+  host memory and aborts the CUDA context; XLA then only reports a generic
+  launch failure. This says what happened.
+  """
+  c = _ext.load()
+  if c is None or not _registered:
+    return None
+  record = c.timeout_record()
+  if record is None:
+    return None
+  op, rank, peer = record
+  return f"jax_ep: {op} timed out on rank {rank} waiting for rank {peer}"
+
+
+def _install_timeout_reporter(c) -> None:
+  """Name the op and ranks of a timeout when the process dies of it."""
+  reported = []
+
+  def report():
+    msg = timeout_message()
+    if msg and not reported:
+      reported.append(msg)
+      sys.stderr.write(msg + "\n")
+      sys.stderr.flush()
+
+  previous_hook = sys.excepthook
+
+  def excepthook(*exc_info):
+    previous_hook(*exc_info)
+    report()
+
+  sys.excepthook = excepthook
+  atexit.register(report)
+
+
+def _varying_axes(a) -> set:
+  """Mesh axes a value inside shard_map varies over (JAX's manual axis type)."""
+  t = jax.typeof(a)
+  manual = getattr(t, "manual_axis_type", None)
+  if manual is not None:
+    return set(manual.varying)
+  return set(getattr(t, "vma", ()))
 
 
 def _kv_client():
@@ -165,22 +214,36 @@ class CudaBackend:
   def _rank(self):
     return lax.axis_index(self.axis_name).astype(jnp.int32)
 
+  def _call(self, target, result_shapes, *operands, **attrs):
+    """``ffi_call`` whose results vary over the axis like its operands do.
+
+    Inside shard_map, JAX tracks which mesh axes a value varies over; an
+    ffi_call's results carry none, yet they differ per rank (and autodiff
+    checks that cotangents match). Mark them varying over the operands' axes
+    plus ours.
+    """
+    outs = jax.ffi.ffi_call(target, result_shapes)(*operands, **attrs)
+    axes = {self.axis_name}.union(*(_varying_axes(a) for a in operands))
+    def mark(a):
+      missing = tuple(sorted(axes - _varying_axes(a)))
+      return lax.pcast(a, missing, to="varying") if missing else a
+    return tuple(mark(a) for a in outs)
+
   # -- ops ------------------------------------------------------------------------
   def layout(self, topk_idx, num_experts):
     N, R = topk_idx.shape[0], self.num_ranks
-    call = jax.ffi.ffi_call("jax_ep_layout", (
+    return DispatchLayout(*self._call("jax_ep_layout", (
         jax.ShapeDtypeStruct((R,), jnp.int32),
         jax.ShapeDtypeStruct((num_experts,), jnp.int32),
-        jax.ShapeDtypeStruct((N, R), jnp.bool_)))
-    return DispatchLayout(*call(topk_idx, num_experts=np.int64(num_experts),
-                                num_ranks=np.int64(R)))
+        jax.ShapeDtypeStruct((N, R), jnp.bool_)), topk_idx,
+        num_experts=np.int64(num_experts), num_ranks=np.int64(R)))
 
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
     (N, H), K, R, M = x.shape, topk_idx.shape[1], self.num_ranks, num_worst_tokens
     self._check_shape("dispatch", N, M, H, K, x.dtype)
     weights = topk_weights if topk_weights is not None else jnp.zeros((N, K), jnp.float32)
     i32 = jnp.int32
-    call = jax.ffi.ffi_call("jax_ep_dispatch", (
+    shapes = (
         jax.ShapeDtypeStruct((M, H), x.dtype),
         jax.ShapeDtypeStruct((M, K), i32),
         jax.ShapeDtypeStruct((M, K), jnp.float32),
@@ -188,11 +251,12 @@ class CudaBackend:
         jax.ShapeDtypeStruct((N, R), i32),
         jax.ShapeDtypeStruct((M,), i32),
         jax.ShapeDtypeStruct((M,), i32),
-        jax.ShapeDtypeStruct((), i32)))
+        jax.ShapeDtypeStruct((), i32))
     (recv_x, recv_idx, recv_w, counts, send_pos, src_idx, src_rank,
-     num_recv) = call(x, topk_idx, weights, layout.is_token_in_rank,
-                      layout.num_tokens_per_rank, self._rank(),
-                      num_experts=np.int64(num_experts), **self._attrs())
+     num_recv) = self._call("jax_ep_dispatch", shapes, x, topk_idx, weights,
+                            layout.is_token_in_rank, layout.num_tokens_per_rank,
+                            self._rank(), num_experts=np.int64(num_experts),
+                            **self._attrs())
     handle = DispatchHandle(send_pos, src_idx, src_rank, num_recv)
     return (recv_x, recv_idx, recv_w if topk_weights is not None else None, counts,
             handle)
@@ -202,11 +266,11 @@ class CudaBackend:
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("dispatch", N, M, H, K, x.dtype)
     w = weights if weights is not None else jnp.zeros((N, K), jnp.float32)
-    call = jax.ffi.ffi_call("jax_ep_cached_dispatch", (
-        jax.ShapeDtypeStruct((M, H), x.dtype),
-        jax.ShapeDtypeStruct((M, K), jnp.float32)))
-    recv_x, recv_w = call(x, w, handle.send_pos, handle.num_recv_tokens, self._rank(),
-                          has_weights=np.int64(weights is not None), **self._attrs())
+    recv_x, recv_w = self._call(
+        "jax_ep_cached_dispatch",
+        (jax.ShapeDtypeStruct((M, H), x.dtype), jax.ShapeDtypeStruct((M, K), jnp.float32)),
+        x, w, handle.send_pos, handle.num_recv_tokens, self._rank(),
+        has_weights=np.int64(weights is not None), **self._attrs())
     return recv_x, (recv_w if weights is not None else None)
 
   def combine(self, y, weights, handle):
@@ -214,10 +278,10 @@ class CudaBackend:
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("combine", N, M, H, K, y.dtype)
     w = weights if weights is not None else jnp.zeros((M, K), jnp.float32)
-    call = jax.ffi.ffi_call("jax_ep_combine", (
-        jax.ShapeDtypeStruct((N, H), y.dtype),
-        jax.ShapeDtypeStruct((N, K), jnp.float32)))
-    out, out_w = call(y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
-                      handle.num_recv_tokens, self._rank(),
-                      has_weights=np.int64(weights is not None), **self._attrs())
+    out, out_w = self._call(
+        "jax_ep_combine",
+        (jax.ShapeDtypeStruct((N, H), y.dtype), jax.ShapeDtypeStruct((N, K), jnp.float32)),
+        y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
+        handle.num_recv_tokens, self._rank(),
+        has_weights=np.int64(weights is not None), **self._attrs())
     return out, (out_w if weights is not None else None)

@@ -57,5 +57,6 @@ def test_timeout_names_op_and_rank():
   outputs = launch("jax_ep.testing:check_timeout", 2, env=GPU_ENV, timeout_s=90,
                    expect_failure=True, kwargs=dict(timeout_s=2.0))
   code, out, err = outputs[0]
-  assert code != 0, out
-  assert "jax_ep: dispatch timed out on rank 0" in out + err, err[-3000:]
+  detail = f"exit {code}\n--- stdout ---\n{out[-2000:]}\n--- stderr ---\n{err[-4000:]}"
+  assert code != 0, detail
+  assert "jax_ep: dispatch timed out on rank 0 waiting for rank 1" in err, detail
