@@ -568,6 +568,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 int GridFor(int num_sms) { return std::max(1, num_sms); }
 
+// Blocks for kernels that only touch local memory and never wait on a peer:
+// one per SM of the current device, so they can use the whole HBM bandwidth
+// (the num_sms bound exists for kernels that talk to peers).
+int LocalGrid() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        sms < 1) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    cached[dev] = sms;
+  }
+  return cached[dev];
+}
+
+// Blocks for kernels that write peers: bounded by num_sms, except with one
+// rank, where the "peer" is this GPU and nothing can wait on us.
+int PeerGrid(int num_sms, int num_ranks) {
+  return num_ranks == 1 ? LocalGrid() : GridFor(num_sms);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -597,7 +622,8 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
       MakeDispatchLayout(a.num_recv_rows, a.row_bytes / a.elt_bytes, a.num_topk,
                          a.elt_bytes);
   const int64_t n16 = a.row_bytes / 16;
-  const int grid = GridFor(a.num_sms);
+  const int grid = PeerGrid(a.num_sms, g.num_ranks);
+  const int local_grid = LocalGrid();
 
   // Per-expert counts accumulate with atomics in the copy-out kernel.
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
@@ -619,7 +645,7 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
 
   const int64_t smem = sizeof(int) * static_cast<int64_t>(experts_per_rank);
   const bool use_smem = smem <= kMaxSmemBytes;
-  DispatchCopyOutKernel<<<grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
+  DispatchCopyOutKernel<<<local_grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
                           stream>>>(
       g, lay, a.rank, a.num_recv_tokens, a.num_recv_rows, n16, a.num_topk,
       experts_per_rank, use_smem, static_cast<int4*>(a.recv_x), a.recv_topk_idx,
@@ -635,7 +661,8 @@ cudaError_t LaunchCachedDispatch(const CachedDispatchArgs& a, cudaStream_t strea
       MakeDispatchLayout(a.num_recv_rows, a.row_bytes / a.elt_bytes, a.num_topk,
                          a.elt_bytes);
   const int64_t n16 = a.row_bytes / 16;
-  const int grid = GridFor(a.num_sms);
+  const int grid = PeerGrid(a.num_sms, g.num_ranks);
+  const int local_grid = LocalGrid();
 
   BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
                                                    OpId::kCachedDispatch);
@@ -647,7 +674,7 @@ cudaError_t LaunchCachedDispatch(const CachedDispatchArgs& a, cudaStream_t strea
   BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
                                                    OpId::kCachedDispatch);
   JAX_EP_LAUNCH_CHECK();
-  CachedCopyOutKernel<<<grid, kThreads, 0, stream>>>(
+  CachedCopyOutKernel<<<local_grid, kThreads, 0, stream>>>(
       g, lay, a.rank, a.num_recv_tokens, a.num_recv_rows, n16, a.num_topk,
       a.has_weights, static_cast<int4*>(a.recv_x), a.recv_weights);
   JAX_EP_LAUNCH_CHECK();
@@ -660,7 +687,8 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
       MakeCombineLayout(g.num_ranks, a.num_tokens, a.row_bytes / a.elt_bytes,
                         a.num_topk, a.elt_bytes);
   const int64_t n16 = a.row_bytes / 16;
-  const int grid = GridFor(a.num_sms);
+  const int grid = PeerGrid(a.num_sms, g.num_ranks);
+  const int local_grid = LocalGrid();
 
   BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
                                                    OpId::kCombine);
@@ -674,12 +702,12 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
                                                    OpId::kCombine);
   JAX_EP_LAUNCH_CHECK();
   if (a.dtype == CombineDtype::kBF16) {
-    CombineReduceKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+    CombineReduceKernel<__nv_bfloat16><<<local_grid, kThreads, 0, stream>>>(
         g, lay, a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16,
         a.num_topk, a.has_weights, static_cast<int4*>(a.combined_x),
         a.combined_weights);
   } else {
-    CombineReduceKernel<float><<<grid, kThreads, 0, stream>>>(
+    CombineReduceKernel<float><<<local_grid, kThreads, 0, stream>>>(
         g, lay, a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16,
         a.num_topk, a.has_weights, static_cast<int4*>(a.combined_x),
         a.combined_weights);

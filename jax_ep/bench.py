@@ -9,7 +9,8 @@ the measured device-to-device copy bandwidth (read + write counted).
 
 Timing: each op runs ``iters`` times back to back inside one jitted program
 (every call depends on the previous one, so XLA can neither hoist nor merge
-them); the program is timed with the host clock after a warm-up run, and the
+them, and each call's outputs pass whole through an optimization barrier, so
+XLA cannot compute only the part the chain reads); the program is timed with the host clock after a warm-up run, and the
 median of ``reps`` runs divided by ``iters`` is reported. Kernels are enqueued
 asynchronously, so host overhead is amortised over the ``iters`` calls.
 
@@ -67,6 +68,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   import numpy as np
   import jax
   import jax.numpy as jnp
+  from jax import lax
   from jax.sharding import PartitionSpec as P
   import jax_ep
   from jax_ep import testing as ept
@@ -85,21 +87,21 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   args = [to_global(mesh, a) for a in (xs, idxs, ws)]
   shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
 
+  keep = lax.optimization_barrier  # every output is materialised in full
+
   def layout_loop(x, idx, w):
     idx = idx[0]
-    acc = jnp.zeros((), jnp.int32)
     for _ in range(iters):
-      layout = buf.get_dispatch_layout(idx, E)
-      acc = acc + layout.num_tokens_per_rank[0]
-      idx = idx.at[0, 0].set(jnp.where(acc < 0, -1, idx[0, 0]))
-    return acc[None]
+      layout = keep(buf.get_dispatch_layout(idx, E))
+      idx = idx.at[0, 0].set(jnp.where(layout.num_tokens_per_rank[0] < 0, -1, idx[0, 0]))
+    return layout.num_tokens_per_rank[:1][None]
 
   def dispatch_loop(x, idx, w):
     x, idx, w = x[0].astype(jnp.bfloat16), idx[0], w[0]
     layout = buf.get_dispatch_layout(idx, E)
     for _ in range(iters):
-      recv_x, _, recv_w, _, h = buf.dispatch(x, topk_idx=idx, topk_weights=w,
-                                             num_experts=E, layout=layout)
+      recv_x, _, recv_w, _, h = keep(buf.dispatch(x, topk_idx=idx, topk_weights=w,
+                                                  num_experts=E, layout=layout))
       x = x.at[0, 0].set(recv_x[0, 0])  # chain the calls
     return recv_x[:1, :1][None], h.num_recv_tokens[None]
 
@@ -107,7 +109,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     x, idx = x[0].astype(jnp.bfloat16), idx[0]
     h = buf.dispatch(x, topk_idx=idx, num_experts=E)[4]
     for _ in range(iters):
-      recv_x = buf.dispatch(x, handle=h)[0]
+      recv_x = keep(buf.dispatch(x, handle=h)[0])
       x = x.at[0, 0].set(recv_x[0, 0])
     return recv_x[:1, :1][None]
 
@@ -116,7 +118,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     recv_x, _, _, _, h = buf.dispatch(x, topk_idx=idx, num_experts=E)
     y = recv_x
     for _ in range(iters):
-      out, _ = buf.combine(y, h)
+      out = keep(buf.combine(y, h)[0])
       y = y.at[0, 0].set(out[0, 0])
     return out[:1, :1][None]
 

@@ -287,6 +287,7 @@ def check_contract(rank, num_ranks, *, seed=0, num_tokens=64, hidden=256, num_to
 
 def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
   """Rank 0 dispatches while the other ranks never do: rank 0 must fail, not hang."""
+  import faulthandler
   import os
   import time
   import jax_ep
@@ -298,13 +299,18 @@ def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
       lambda x, i: buf.dispatch(x[0], topk_idx=i[0], num_experts=E)[0][None],
       mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
   xs, idxs, *_ = make_case(1, num_ranks, N, hidden, 2, E)
+  args = (_to_global(mesh, xs), _to_global(mesh, idxs))
+  # Every process compiles (XLA may share autotuning across processes, which
+  # makes compilation collective); only rank 0 runs.
+  compiled = fn.lower(*args).compile()
+  faulthandler.dump_traceback_later(60, exit=True)  # a hang shows its stack
   if rank != 0:
     time.sleep(timeout_s * 5)
     # Leave without the distributed shutdown handshake: rank 0 is gone.
     print('JAX_EP_RESULT:{"rank": %d, "skipped_dispatch": true}' % rank, flush=True)
     os._exit(0)
-  # Compiling is per process, so rank 0 runs alone: its barrier must time out.
-  out = fn(_to_global(mesh, xs), _to_global(mesh, idxs))
+  # Rank 0 runs alone: its barrier must time out.
+  out = compiled(*args)
   out.block_until_ready()
   return {"rank": rank, "unexpected": "dispatch returned"}
 

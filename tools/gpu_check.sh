@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build jax_ep on a GPU machine, run the GPU tests and the benchmark, print a table last.
-# Usage: tools/gpu_check.sh [build] [timeout] [tests] [bench] [bench-ranks]   (default: all)
+# Usage: tools/gpu_check.sh [build] [timeout] [tests] [bench] [kernels] [bench-ranks]   (default: all)
 # Logs go to $OUT (the device tool's return folder) or /tmp/jax_ep_gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_gpu_check}
 mkdir -p "$OUT"
-stages=${*:-build timeout tests bench bench-ranks}
+stages=${*:-build timeout tests bench kernels bench-ranks}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 PY=${PYTHON:-python3}
 status=0
@@ -46,6 +46,14 @@ if has bench; then
   echo "=== bench (all local devices)"
   JAX_PLATFORMS=cuda timeout 300 $PY -m jax_ep.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has kernels; then
+  echo "=== per-kernel device times at R = 1, DeepEP shape (ncu)"
+  JAX_PLATFORMS=cuda timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' \
+    $PY -m jax_ep.bench --shapes deepep --backends cuda --iters 3 --reps 1 >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  copy=$($PY -c "import json;r=json.load(open('$OUT/results.json'));print(r['rows'][0][-1].split('copy ')[-1].rstrip(')'))" 2>/dev/null || echo 0)
+  $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt"
 fi
 if has bench-ranks; then
   for r in ${BENCH_RANKS:-2 8}; do
