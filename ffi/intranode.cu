@@ -137,6 +137,114 @@ __device__ __forceinline__ int64_t ValidRows(const int32_t* num_recv_tokens,
 }
 
 // ---------------------------------------------------------------------------
+// One rank (R = 1): the only "peer" is this GPU, so the ops skip the buffer
+// and copy operands straight into the outputs: one read and one write per row
+// instead of two of each. Rows are placed by send_pos exactly as the
+// multi-rank path places them, so the results are identical.
+// ---------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchLocalKernel(const int4* __restrict__ x, const int32_t* __restrict__ topk_idx,
+                        const float* __restrict__ topk_weights,
+                        const int32_t* __restrict__ send_pos,
+                        const int32_t* num_recv_tokens, int64_t num_tokens,
+                        int64_t num_recv_rows, int64_t n16, int num_topk,
+                        int num_experts, bool use_smem, int4* __restrict__ recv_x,
+                        int32_t* __restrict__ recv_topk_idx,
+                        float* __restrict__ recv_topk_weights,
+                        int32_t* __restrict__ expert_counts,
+                        int32_t* __restrict__ recv_src_idx,
+                        int32_t* __restrict__ recv_src_rank) {
+  extern __shared__ int s_hist[];  // [num_experts] when use_smem
+  const int lane = LaneId();
+  if (use_smem) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_hist[e] = 0;
+    __syncthreads();
+  }
+  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
+    const int64_t p = __ldg(send_pos + i);
+    if (p < 0 || p >= num_recv_rows) continue;  // warp-uniform
+    WarpCopyRow<true>(recv_x + p * n16, x + i * n16, n16, lane);
+    if (lane < num_topk) {
+      const int e = __ldg(topk_idx + i * num_topk + lane);
+      const bool ok = e >= 0 && e < num_experts;
+      recv_topk_idx[p * num_topk + lane] = ok ? e : -1;
+      recv_topk_weights[p * num_topk + lane] =
+          ok ? __ldg(topk_weights + i * num_topk + lane) : 0.f;
+      if (ok) atomicAdd(use_smem ? s_hist + e : expert_counts + e, 1);
+    }
+    if (lane == 0) {
+      recv_src_idx[p] = static_cast<int32_t>(i);
+      recv_src_rank[p] = 0;
+    }
+  }
+  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
+  for (int64_t r = valid_rows + GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
+    WarpZeroRow(recv_x + r * n16, n16, lane);
+    if (lane < num_topk) {
+      recv_topk_idx[r * num_topk + lane] = -1;
+      recv_topk_weights[r * num_topk + lane] = 0.f;
+    }
+    if (lane == 0) {
+      recv_src_idx[r] = -1;
+      recv_src_rank[r] = -1;
+    }
+  }
+  if (use_smem) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      if (s_hist[e] != 0) atomicAdd(expert_counts + e, s_hist[e]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    CachedLocalKernel(const int4* __restrict__ x, const float* __restrict__ weights,
+                      const int32_t* __restrict__ send_pos,
+                      const int32_t* num_recv_tokens, int64_t num_tokens,
+                      int64_t num_recv_rows, int64_t n16, int num_topk, bool has_weights,
+                      int4* __restrict__ recv_x, float* __restrict__ recv_weights) {
+  const int lane = LaneId();
+  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
+    const int64_t p = __ldg(send_pos + i);
+    if (p < 0 || p >= num_recv_rows) continue;
+    WarpCopyRow<true>(recv_x + p * n16, x + i * n16, n16, lane);
+    if (lane < num_topk) {
+      recv_weights[p * num_topk + lane] =
+          has_weights ? __ldg(weights + i * num_topk + lane) : 0.f;
+    }
+  }
+  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
+  for (int64_t r = valid_rows + GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
+    WarpZeroRow(recv_x + r * n16, n16, lane);
+    if (lane < num_topk) recv_weights[r * num_topk + lane] = 0.f;
+  }
+}
+
+// combine with one rank: token i's only copy is row send_pos[i]; the float32
+// sum of one value cast back is the value itself, so copy the bits.
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineLocalKernel(const int4* __restrict__ y, const float* __restrict__ weights,
+                       const int32_t* __restrict__ send_pos, int64_t num_tokens,
+                       int64_t num_recv_rows, int64_t n16, int num_topk,
+                       bool has_weights, int4* __restrict__ out,
+                       float* __restrict__ out_weights) {
+  const int lane = LaneId();
+  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
+    const int64_t p = __ldg(send_pos + i);
+    const bool sent = p >= 0 && p < num_recv_rows;
+    if (sent) {
+      WarpCopyRow<true>(out + i * n16, y + p * n16, n16, lane);
+    } else {
+      WarpZeroRow(out + i * n16, n16, lane);
+    }
+    if (lane < num_topk) {
+      out_weights[i * num_topk + lane] =
+          (sent && has_weights) ? __ldg(weights + p * num_topk + lane) : 0.f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Barrier-only kernel (one block).
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kBarrierThreads)
@@ -609,6 +717,9 @@ cudaError_t PreloadKernels() {
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedSendKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedCopyOutKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombinePushKernel));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchLocalKernel));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedLocalKernel));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineLocalKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(
       cudaFuncGetAttributes(&attr, CombineReduceKernel<__nv_bfloat16>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineReduceKernel<float>));
@@ -634,6 +745,20 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
       a.num_recv_rows, a.send_pos, a.num_recv_tokens, a.timeout_ns);
   JAX_EP_LAUNCH_CHECK();
 
+  const int64_t smem = sizeof(int) * static_cast<int64_t>(experts_per_rank);
+  const bool use_smem = smem <= kMaxSmemBytes;
+  if (g.num_ranks == 1) {
+    DispatchLocalKernel<<<local_grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
+                          stream>>>(
+        static_cast<const int4*>(a.x), a.topk_idx, a.topk_weights, a.send_pos,
+        a.num_recv_tokens, a.num_tokens, a.num_recv_rows, n16, a.num_topk,
+        experts_per_rank, use_smem, static_cast<int4*>(a.recv_x), a.recv_topk_idx,
+        a.recv_topk_weights, a.num_recv_tokens_per_expert, a.recv_src_idx,
+        a.recv_src_rank);
+    JAX_EP_LAUNCH_CHECK();
+    return cudaSuccess;
+  }
+
   DispatchSendKernel<<<grid, kThreads, 0, stream>>>(
       g, lay, static_cast<const int4*>(a.x), a.topk_idx, a.topk_weights,
       a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16, a.num_topk);
@@ -643,8 +768,6 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
                                                    OpId::kDispatch);
   JAX_EP_LAUNCH_CHECK();
 
-  const int64_t smem = sizeof(int) * static_cast<int64_t>(experts_per_rank);
-  const bool use_smem = smem <= kMaxSmemBytes;
   DispatchCopyOutKernel<<<local_grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
                           stream>>>(
       g, lay, a.rank, a.num_recv_tokens, a.num_recv_rows, n16, a.num_topk,
@@ -664,6 +787,14 @@ cudaError_t LaunchCachedDispatch(const CachedDispatchArgs& a, cudaStream_t strea
   const int grid = PeerGrid(a.num_sms, g.num_ranks);
   const int local_grid = LocalGrid();
 
+  if (g.num_ranks == 1) {
+    CachedLocalKernel<<<local_grid, kThreads, 0, stream>>>(
+        static_cast<const int4*>(a.x), a.weights, a.send_pos, a.num_recv_tokens,
+        a.num_tokens, a.num_recv_rows, n16, a.num_topk, a.has_weights,
+        static_cast<int4*>(a.recv_x), a.recv_weights);
+    JAX_EP_LAUNCH_CHECK();
+    return cudaSuccess;
+  }
   BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
                                                    OpId::kCachedDispatch);
   JAX_EP_LAUNCH_CHECK();
@@ -690,6 +821,14 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   const int grid = PeerGrid(a.num_sms, g.num_ranks);
   const int local_grid = LocalGrid();
 
+  if (g.num_ranks == 1) {
+    CombineLocalKernel<<<local_grid, kThreads, 0, stream>>>(
+        static_cast<const int4*>(a.y), a.weights, a.send_pos, a.num_tokens,
+        a.num_recv_rows, n16, a.num_topk, a.has_weights,
+        static_cast<int4*>(a.combined_x), a.combined_weights);
+    JAX_EP_LAUNCH_CHECK();
+    return cudaSuccess;
+  }
   BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
                                                    OpId::kCombine);
   JAX_EP_LAUNCH_CHECK();

@@ -49,11 +49,14 @@ if has bench; then
 fi
 if has kernels; then
   echo "=== per-kernel device times at R = 1, DeepEP shape (ncu)"
-  JAX_PLATFORMS=cuda timeout 300 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  echo "ncu: ${NCU:-not found}"
+  JAX_PLATFORMS=cuda timeout 300 "${NCU:-ncu}" --clock-control none --metrics gpu__time_duration.sum --csv \
     -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' \
     $PY -m jax_ep.bench --shapes deepep --backends cuda --iters 3 --reps 1 >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
   copy=$($PY -c "import json;r=json.load(open('$OUT/results.json'));print(r['rows'][0][-1].split('copy ')[-1].rstrip(')'))" 2>/dev/null || echo 0)
-  $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt"
+  $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt" \
+    || { tail -5 "$OUT/ncu.csv"; tail -15 "$OUT/ncu.err"; }
 fi
 if has bench-ranks; then
   for r in ${BENCH_RANKS:-2 8}; do

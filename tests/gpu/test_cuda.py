@@ -34,7 +34,7 @@ def test_contract(num_ranks, dtype):
   assert [r["rank"] for r in res] == list(range(num_ranks))
 
 
-@pytest.mark.parametrize("num_ranks", [2, 8])
+@pytest.mark.parametrize("num_ranks", [1, 2, 8])
 def test_contract_with_overflow(num_ranks):
   res = launch("jax_ep.testing:check_contract", num_ranks, env=GPU_ENV,
                kwargs=dict(seed=100 + num_ranks, num_tokens=40, hidden=64, num_topk=3,
