@@ -37,7 +37,7 @@ def main(argv=None):
   print(f"{'kernel':<28} {'calls':>5} {'median us':>10} {'GB/s (R=1 copy)':>16}")
   for name, ts in sorted(times.items()):
     med = statistics.median(ts)
-    copy_like = any(k in name for k in ("CopyOut", "Reduce", "Send", "Push"))
+    copy_like = any(k in name for k in ("CopyOut", "Reduce", "Send", "Push", "Local"))
     gbps = f"{moved / (med * 1e-6) / 1e9:.0f}" if copy_like else ""
     if gbps and args.copy_gbps:
       gbps += f" ({100 * float(gbps) / args.copy_gbps:.0f}% of copy)"
