@@ -32,6 +32,19 @@ if has timeout; then
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
+if has kernels; then
+  echo "=== per-kernel device times (no MPS: ncu cannot attach to MPS clients) at R = 1, DeepEP shape (ncu)"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  echo "ncu: ${NCU:-not found}"
+  JAX_PLATFORMS=cuda timeout 300 "${NCU:-ncu}" --clock-control none --metrics gpu__time_duration.sum --csv \
+    -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' \
+    $PY -m jax_ep.bench --shapes deepep --backends cuda --iters 3 --reps 1 >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  copy=$(JAX_PLATFORMS=cuda $PY -c "from jax_ep.bench import copy_bandwidth; print(round(copy_bandwidth()))" 2>/dev/null || echo 0)
+  echo "device-to-device copy: $copy GB/s (read + write)"
+  $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt" \
+    || { tail -5 "$OUT/ncu.csv"; tail -15 "$OUT/ncu.err"; }
+fi
+
 # MPS lets the emulated ranks' kernels run concurrently on the one GPU.
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/jax_ep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/jax_ep_mps_log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -46,17 +59,6 @@ if has bench; then
   echo "=== bench (all local devices)"
   JAX_PLATFORMS=cuda timeout 300 $PY -m jax_ep.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-fi
-if has kernels; then
-  echo "=== per-kernel device times at R = 1, DeepEP shape (ncu)"
-  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  echo "ncu: ${NCU:-not found}"
-  JAX_PLATFORMS=cuda timeout 300 "${NCU:-ncu}" --clock-control none --metrics gpu__time_duration.sum --csv \
-    -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' \
-    $PY -m jax_ep.bench --shapes deepep --backends cuda --iters 3 --reps 1 >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
-  copy=$($PY -c "import json;r=json.load(open('$OUT/results.json'));print(r['rows'][0][-1].split('copy ')[-1].rstrip(')'))" 2>/dev/null || echo 0)
-  $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt" \
-    || { tail -5 "$OUT/ncu.csv"; tail -15 "$OUT/ncu.err"; }
 fi
 if has bench-ranks; then
   for r in ${BENCH_RANKS:-2 8}; do
