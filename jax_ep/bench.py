@@ -8,9 +8,8 @@ so the table then gives the HBM traffic of our local kernels instead, next to
 the measured device-to-device copy bandwidth (read + write counted).
 
 Timing: each op runs ``iters`` times back to back inside one jitted program
-(each call's input and the previous call's whole output pass together through
-an optimization barrier, so XLA can neither hoist, merge nor trim them); the
-program is timed with the host clock after a warm-up run, and the
+(see ``time_backend``: optimization barriers keep XLA from hoisting, merging
+or trimming any call); the program is timed with the host clock after a warm-up run, and the
 median of ``reps`` runs divided by ``iters`` is reported. Kernels are enqueued
 asynchronously, so host overhead is amortised over the ``iters`` calls.
 
@@ -87,48 +86,64 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   args = [to_global(mesh, a) for a in (xs, idxs, ws)]
   shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
 
-  # Each call's input passes through an optimization barrier together with
-  # the previous call's whole output: the calls run in order, none can be
-  # merged or hoisted, every output is materialised in full, and no copy is
-  # added (the barrier aliases its operands).
+  # `iters` calls per program, each on its own input (made on the device
+  # beforehand), so XLA can neither merge nor hoist them and no extra work is
+  # timed; each output goes whole through an optimization barrier before one
+  # element of it is returned, so nothing is dead and no op is trimmed to the
+  # element read. (Chaining the calls through their outputs instead made XLA
+  # add a full copy per call, or merge calls: both seen in ncu's counts.)
   keep = lax.optimization_barrier
+  cap = N * R
 
-  def layout_loop(x, idx, w):
-    idx = idx[0]
-    for _ in range(iters):
-      layout = buf.get_dispatch_layout(idx, E)
-      idx, layout = keep((idx, layout))
-    return layout.num_tokens_per_rank[:1][None]
+  def probe(out):
+    return jax.tree_util.tree_leaves(keep(out))[0].reshape(-1)[0].astype(jnp.float32)
 
-  def dispatch_loop(x, idx, w):
-    x, idx, w = x[0].astype(jnp.bfloat16), idx[0], w[0]
-    layout = buf.get_dispatch_layout(idx, E)
-    for _ in range(iters):
-      out = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout)
-      x, out = keep((x, out))
-    return out[0][:1, :1][None], out[4].num_recv_tokens[None]
+  def fresh(shape, salt):
+    """[R, ...] bf16 normal arrays, one per rank, generated on the devices."""
+    def make(key):
+      k = jax.random.fold_in(key[0], salt)
+      return jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)[None]
+    keys = jax.random.split(jax.random.key(seed), R)
+    keys = to_global(mesh, [np.asarray(jax.random.key_data(k)) for k in keys])
+    return shard(lambda k: make(jax.random.wrap_key_data(k)))(keys)
 
-  def cached_loop(x, idx, w):
-    x, idx = x[0].astype(jnp.bfloat16), idx[0]
-    h = buf.dispatch(x, topk_idx=idx, num_experts=E)[4]
-    for _ in range(iters):
-      recv_x = buf.dispatch(x, handle=h)[0]
-      x, recv_x = keep((x, recv_x))
-    return recv_x[:1, :1][None]
+  inputs_x = [fresh((N, H), k) for k in range(iters)]
+  inputs_y = [fresh((cap, H), 1000 + k) for k in range(iters)]
 
-  def combine_loop(x, idx, w):
-    x, idx = x[0].astype(jnp.bfloat16), idx[0]
-    recv_x, _, _, _, h = buf.dispatch(x, topk_idx=idx, num_experts=E)
-    y = recv_x
-    for _ in range(iters):
-      out = buf.combine(y, h)[0]
-      y, out = keep((y, out))
-    return out[:1, :1][None]
+  inputs_idx = [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)]
+
+  def layout_loop(x, idx, w, *idx_variants):
+    return jnp.stack([probe(buf.get_dispatch_layout(i[0], E))
+                      for i in idx_variants]).sum()[None]
+
+  def dispatch_loop(x, idx, w, *xs):
+    layout = buf.get_dispatch_layout(idx[0], E)
+    return jnp.stack([probe(buf.dispatch(v[0], topk_idx=idx[0], topk_weights=w[0],
+                                         num_experts=E, layout=layout))
+                      for v in xs]).sum()[None]
+
+  def cached_loop(x, idx, w, *xs):
+    h = buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
+    return jnp.stack([probe(buf.dispatch(v[0], handle=h)[0]) for v in xs]).sum()[None]
+
+  def combine_loop(x, idx, w, *ys):
+    h = buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
+    return jnp.stack([probe(buf.combine(y[0], h)[0]) for y in ys]).sum()[None]
 
   res = {}
-  for name, f in (("layout", layout_loop), ("dispatch", dispatch_loop),
-                  ("cached_dispatch", cached_loop), ("combine", combine_loop)):
-    res[name] = _median_seconds(shard(f), args, reps) / iters
+  for name, f, extra, calls in (
+      ("layout", layout_loop, inputs_idx, iters),
+      ("dispatch", dispatch_loop, inputs_x, iters),
+      ("cached_dispatch", cached_loop, inputs_x, iters),
+      ("combine", combine_loop, inputs_y, iters)):
+    # The setup dispatch of cached/combine is timed once per program; take it out.
+    t = _median_seconds(shard(f), args + extra, reps)
+    res[name] = t / calls
+  # Programs with one setup dispatch: subtract a dispatch-only program's time.
+  base = _median_seconds(shard(lambda x, idx, w: probe(buf.dispatch(
+      x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4])[None]), args, reps)
+  for name in ("cached_dispatch", "combine"):
+    res[name] = max(res[name] - base / iters, 0.0)
   # DeepEP's byte count: rows this rank sends to / gets back from other ranks.
   rank = jax.process_index() if jax.process_count() > 1 else 0
   layouts = [ept.reference_layout(i, E, R)[2] for i in idxs]

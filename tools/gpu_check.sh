@@ -63,7 +63,7 @@ fi
 if has bench-ranks; then
   for r in ${BENCH_RANKS:-2 8}; do
     echo "=== bench, $r emulated ranks on one GPU"
-    timeout 300 $PY -m jax_ep.bench --ranks "$r" --iters 10 --reps 5 2>&1 \
+    timeout 300 $PY -m jax_ep.bench --ranks "$r" --iters 5 --reps 5 2>&1 \
       | tee "$OUT/bench_ranks$r.log" | tail -6
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
