@@ -8,8 +8,21 @@ import os
 import sys
 
 
+def _hide_pip_installed_jax_ep(root):
+    """A pip editable install (README's `pip install -e .`) adds an import hook
+    that would win over the runfiles; drop it and put the runfiles first on the
+    path, so the test runs the Bazel-built package whatever pip left here."""
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if not type(f).__name__.startswith("ScikitBuild")]
+    if root:
+        runfiles = os.path.abspath(root) + os.sep
+        inside = [p for p in sys.path if os.path.abspath(p or ".").startswith(runfiles)]
+        sys.path[:] = inside + [p for p in sys.path if p not in inside]
+
+
 def _check_bazel_jax_ep():
     root = os.environ.get("TEST_SRCDIR") or os.environ.get("RUNFILES_DIR")
+    _hide_pip_installed_jax_ep(root)
     import jax_ep
     import jax_ep._C as C
 

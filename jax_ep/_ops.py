@@ -8,8 +8,6 @@ the public wrapped ops, so higher-order derivatives work too.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,10 +136,23 @@ def check_handle(handle, num_ranks: int, op: str, *, num_tokens=None,
 
 # --------------------------------------------------------------------------
 # Differentiable ops. `backend` and the static ints are closed over; the
-# custom_vjp functions see arrays (and None) only.
+# custom_vjp functions see arrays (and None) only. They are cached on the
+# backend object (not in a global cache, which would keep every Buffer and its
+# GPU memory alive), so repeated traces reuse one function per configuration.
 
-@functools.lru_cache(maxsize=None)
+def _cached_on(backend, key, make):
+  cache = backend.__dict__.setdefault("_jax_ep_op_cache", {})
+  if key not in cache:
+    cache[key] = make()
+  return cache[key]
+
+
 def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int):
+  return _cached_on(backend, ("dispatch", num_experts, num_worst_tokens),
+                    lambda: _make_dispatch(backend, num_experts, num_worst_tokens))
+
+
+def _make_dispatch(backend, num_experts: int, num_worst_tokens: int):
 
   @jax.custom_vjp
   def dispatch(x, topk_idx, topk_weights, layout):
@@ -166,8 +177,11 @@ def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int):
   return dispatch
 
 
-@functools.lru_cache(maxsize=None)
 def _cached_dispatch_fn(backend):
+  return _cached_on(backend, ("cached_dispatch",), lambda: _make_cached_dispatch(backend))
+
+
+def _make_cached_dispatch(backend):
 
   @jax.custom_vjp
   def cached(x, handle, weights):
@@ -185,8 +199,11 @@ def _cached_dispatch_fn(backend):
   return cached
 
 
-@functools.lru_cache(maxsize=None)
 def _combine_fn(backend):
+  return _cached_on(backend, ("combine",), lambda: _make_combine(backend))
+
+
+def _make_combine(backend):
 
   @jax.custom_vjp
   def combine_(y, handle, weights):

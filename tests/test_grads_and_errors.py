@@ -181,3 +181,31 @@ def test_out_of_range_ids_are_ignored_like_minus_one():
   for r in range(R):
     for u, v in zip(a[r], b[r]):
       np.testing.assert_array_equal(u, v)
+
+
+def test_buffer_size_hint_matches_the_documented_layout():
+  # docs/design.md: 4096-byte header + max(dispatch part, combine part), every
+  # sub-array starting on a 128-byte boundary. Recomputed here independently.
+  def align(v):
+    return (v + 127) // 128 * 128
+
+  for (N, H, R, K, itemsize, M) in [(4096, 7168, 8, 8, 2, None), (33, 64, 2, 3, 4, 7),
+                                    (1, 8, 1, 1, 2, None), (100, 256, 4, 32, 4, 1000)]:
+    M_ = M or N * R
+    row = H * itemsize
+    dispatch = align(align(align(align(align(M_ * row) + M_ * K * 4) + M_ * K * 4)
+                           + M_ * 4) + M_ * 4)
+    combine = align(align(R * N * row) + R * N * K * 4)
+    dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
+    got = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, dtype, num_worst_tokens=M)
+    assert got == 4096 + max(dispatch, combine), (N, H, R, K, itemsize, M)
+
+
+def test_cuda_backend_needs_nvidia_gpus():
+  mesh = ept.make_mesh(2)
+  info = jax_ep.build_info()
+  expected = (ValueError, "needs a mesh of NVIDIA GPUs") if info["cuda"] else (
+      RuntimeError, "needs the extension built with CUDA")
+  with pytest.raises(expected[0], match=expected[1]):
+    jax_ep.Buffer(mesh, "ep", backend="cuda")
+  assert {"extension", "cuda", "jax", "ffi_api_version"} <= set(info)
