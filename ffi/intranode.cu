@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(kScanThreads)
                              const bool* __restrict__ in_rank,
                              const int32_t* rank_ptr, int64_t num_tokens,
                              int64_t num_recv_rows, int32_t* send_pos,
-                             int32_t* num_recv_tokens, int64_t timeout_ns) {
+                             int32_t* num_recv_tokens, int64_t timeout_ns,
+                             int32_t* expert_counts, int experts_per_rank) {
   const int R = g.num_ranks;
   const int rank = CheckedRank(g, rank_ptr, OpId::kDispatch);
   const PeerBases peers = ToPeers(g);
@@ -279,13 +280,19 @@ __global__ void __launch_bounds__(kScanThreads)
   const int lane = LaneId();
   const int warp = WarpId();
 
-  // Nobody may overwrite a header/data region a peer still reads.
-  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
+  for (int e = t; e < experts_per_rank; e += blockDim.x) expert_counts[e] = 0;
+  // Nobody may overwrite a header/data region a peer still reads. With one
+  // rank there is no peer: stream order already protects our own header.
+  if (R > 1) CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
   if (t < R) {
     int* dst = HeaderInt(PeerAt(peers, t), kCountsOffset) + rank * kMaxRanks;
     for (int j = 0; j < R; ++j) dst[j] = __ldg(num_tokens_per_rank + j);
   }
-  CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
+  if (R > 1) {
+    CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
+  } else {
+    __syncthreads();  // our own counts row, written above, is read below
+  }
 
   __shared__ int s_offset[kMaxRanks];  // rows before our block on rank d
   __shared__ int s_carry[kMaxRanks];   // our tokens to rank d in earlier tiles
@@ -736,13 +743,12 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   const int grid = PeerGrid(a.num_sms, g.num_ranks);
   const int local_grid = LocalGrid();
 
-  // Per-expert counts accumulate with atomics in the copy-out kernel.
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-      a.num_recv_tokens_per_expert, 0, sizeof(int32_t) * experts_per_rank, stream));
-
+  // The scan kernel also zeroes the per-expert counts that the copy kernel
+  // then accumulates with atomics (one launch fewer than a memset).
   DispatchNotifyScanKernel<<<1, kScanThreads, 0, stream>>>(
       g, a.num_tokens_per_rank, a.is_token_in_rank, a.rank, a.num_tokens,
-      a.num_recv_rows, a.send_pos, a.num_recv_tokens, a.timeout_ns);
+      a.num_recv_rows, a.send_pos, a.num_recv_tokens, a.timeout_ns,
+      a.num_recv_tokens_per_expert, experts_per_rank);
   JAX_EP_LAUNCH_CHECK();
 
   const int64_t smem = sizeof(int) * static_cast<int64_t>(experts_per_rank);
