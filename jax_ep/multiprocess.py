@@ -50,41 +50,58 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
            mem_fraction: float = 0.08, expect_failure: bool = False):
   """Run ``target`` in ``num_ranks`` processes; return their results in rank order.
 
-  Raises ``RankFailure`` (with every rank's stdout/stderr) when any process
-  exits non-zero or the whole run passes ``timeout_s``. With
-  ``expect_failure=True`` it returns the list of ``(returncode, stdout,
-  stderr)`` instead of raising.
+  Fails fast: as soon as one process exits non-zero the others are stopped
+  (they would otherwise wait for it until some collective times out). Raises
+  ``RankFailure`` (with every rank's stdout/stderr) when a process fails or the
+  run passes ``timeout_s``. With ``expect_failure=True`` it returns the list of
+  ``(returncode, stdout, stderr)`` instead of raising.
   """
+  import tempfile
   port = _free_port()
   base_env = dict(os.environ)
   base_env.update({"XLA_PYTHON_CLIENT_MEM_FRACTION": str(mem_fraction),
                    "PYTHONUNBUFFERED": "1"})
   base_env.update(env or {})
-  procs = []
-  for rank in range(num_ranks):
-    cmd = [sys.executable, "-m", "jax_ep.multiprocess", "--worker",
-           "--rank", str(rank), "--ranks", str(num_ranks), "--port", str(port),
-           target, json.dumps(kwargs or {})]
-    procs.append(subprocess.Popen(cmd, env=base_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  deadline = time.monotonic() + timeout_s
-  outputs, timed_out = [], False
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-    except subprocess.TimeoutExpired:
-      timed_out = True
-      for q in procs:
-        q.kill()
-      out, err = p.communicate()
-    outputs.append((p.returncode, out, err))
+  with tempfile.TemporaryDirectory(prefix="jax_ep_ranks_") as logs:
+    procs, files = [], []
+    for rank in range(num_ranks):
+      cmd = [sys.executable, "-m", "jax_ep.multiprocess", "--worker",
+             "--rank", str(rank), "--ranks", str(num_ranks), "--port", str(port),
+             target, json.dumps(kwargs or {})]
+      # Files, not pipes: a chatty rank can never block on a full pipe.
+      out = open(os.path.join(logs, f"{rank}.out"), "w+")
+      err = open(os.path.join(logs, f"{rank}.err"), "w+")
+      files.append((out, err))
+      procs.append(subprocess.Popen(cmd, env=base_env, stdout=out, stderr=err, text=True))
+    deadline = time.monotonic() + timeout_s
+    timed_out, failed = False, []
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+      if all(c is not None for c in codes) or failed:
+        break
+      if time.monotonic() > deadline:
+        timed_out = True
+        break
+      time.sleep(0.1)
+    for p in procs:  # Stop the ranks still waiting for a failed or slow one.
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+    outputs = []
+    for p, (out, err) in zip(procs, files):
+      out.seek(0)
+      err.seek(0)
+      outputs.append((p.returncode, out.read(), err.read()))
+      out.close()
+      err.close()
   if expect_failure:
     return outputs
-  failed = [r for r, (code, _, _) in enumerate(outputs) if code != 0]
   if timed_out or failed:
     detail = "\n".join(f"--- rank {r} (exit {code}) ---\n{out[-3000:]}\n{err[-6000:]}"
                        for r, (code, out, err) in enumerate(outputs))
-    what = "timed out" if timed_out else f"ranks {failed} failed"
+    what = (f"timed out after {timeout_s:.0f} s" if timed_out else
+            f"ranks {failed} failed (the others were stopped)")
     raise RankFailure(f"jax_ep.multiprocess: {target} on {num_ranks} ranks {what}.\n"
                       f"{detail}", outputs)
   results = []
@@ -99,7 +116,20 @@ def _worker(rank: int, num_ranks: int, port: int, target: str, kwargs: dict) -> 
   jax.distributed.initialize(f"127.0.0.1:{port}", num_ranks, rank,
                              local_device_ids=[0])
   module, fn = target.split(":")
-  result = getattr(importlib.import_module(module), fn)(rank, num_ranks, **kwargs)
+  try:
+    result = getattr(importlib.import_module(module), fn)(rank, num_ranks, **kwargs)
+  except BaseException:
+    # Leave at once: the normal exit would wait in jax.distributed's shutdown
+    # for ranks that may be waiting for us.
+    import traceback
+    traceback.print_exc()
+    cuda = sys.modules.get("jax_ep.backends.cuda")
+    message = cuda.timeout_message() if cuda is not None else None
+    if message:
+      print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   print(_RESULT_TAG + json.dumps(result), flush=True)
   jax.distributed.shutdown()
 

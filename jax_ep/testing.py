@@ -343,3 +343,11 @@ def check_cuda_vs_xla(rank, num_ranks, *, seed=0, num_tokens=128, hidden=512,
   for a, b in zip(results["cuda"], results["xla"]):
     np.testing.assert_array_equal(a, b)
   return {"rank": rank, "compared": len(results["cuda"])}
+
+
+def describe_rank(rank, num_ranks, *, fail_on_rank=None):
+  """What one launched process sees (a smoke target for ``jax_ep.multiprocess``)."""
+  if rank == fail_on_rank:
+    raise RuntimeError(f"rank {rank} was asked to fail")
+  return {"rank": rank, "process_index": jax.process_index(),
+          "process_count": jax.process_count(), "platform": jax.devices()[0].platform}
