@@ -23,13 +23,6 @@ def _ensure_devices() -> None:
                                " --xla_force_host_platform_device_count=8").strip()
 
 
-def dispatch_bytes_per_rank(is_token_in_rank, rank: int, row_bytes: int) -> int:
-  """Bytes of token rows this rank sends to other ranks (DeepEP's way of counting)."""
-  import numpy as np
-  others = np.delete(np.asarray(is_token_in_rank), rank, axis=1)
-  return int(others.sum()) * row_bytes
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jax_ep", description=__doc__)
   ap.add_argument("--tokens", type=int, default=512, help="tokens per rank")
@@ -48,6 +41,7 @@ def main(argv=None) -> int:
 
   import jax_ep
   from jax_ep import testing as ept
+  from jax_ep.bench import crossing_bytes_per_rank
 
   devices = jax.local_devices()
   R = len(devices)
@@ -62,8 +56,7 @@ def main(argv=None) -> int:
   # The "expert": multiply each received row by its summed top-k weight here.
   ys = [r["recv_x"] * r["recv_topk_weights"].sum(1, keepdims=True) for r in ref]
   expected, _ = ept.reference_combine(ys, ref, N)
-  sent = sum(dispatch_bytes_per_rank(r["is_token_in_rank"], i, H * 2)
-             for i, r in enumerate(ref)) / R
+  sent = crossing_bytes_per_rank([r["is_token_in_rank"] for r in ref], H * 2)
 
   print(f"jax_ep {jax_ep.__version__} on {R} x {devices[0].device_kind} "
         f"({jax.default_backend()}), build {jax_ep.build_info()}")

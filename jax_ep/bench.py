@@ -30,6 +30,17 @@ SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
 }
 
 
+def crossing_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> float:
+  """DeepEP's byte count: token rows a rank sends to *other* ranks, averaged over ranks.
+
+  ``is_token_in_rank_of_each_rank[s]`` is rank s's ``[N, R]`` layout mask.
+  """
+  import numpy as np
+  masks = [np.asarray(m) for m in is_token_in_rank_of_each_rank]
+  rows = sum(int(np.delete(m, s, axis=1).sum()) for s, m in enumerate(masks))
+  return rows * row_bytes / len(masks)
+
+
 def _median_seconds(fn, args, reps):
   import numpy as np
   import jax
@@ -122,37 +133,34 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
                                          num_experts=E, layout=layout))
                       for v in xs]).sum()[None]
 
+  def setup_handle(x, idx):
+    return buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
+
   def cached_loop(x, idx, w, *xs):
-    h = buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
+    h = setup_handle(x, idx)
     return jnp.stack([probe(buf.dispatch(v[0], handle=h)[0]) for v in xs]).sum()[None]
 
   def combine_loop(x, idx, w, *ys):
-    h = buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
+    h = setup_handle(x, idx)
     return jnp.stack([probe(buf.combine(y[0], h)[0]) for y in ys]).sum()[None]
 
   res = {}
-  for name, f, extra, calls in (
-      ("layout", layout_loop, inputs_idx, iters),
-      ("dispatch", dispatch_loop, inputs_x, iters),
-      ("cached_dispatch", cached_loop, inputs_x, iters),
-      ("combine", combine_loop, inputs_y, iters)):
-    # The setup dispatch of cached/combine is timed once per program; take it out.
-    t = _median_seconds(shard(f), args + extra, reps)
-    res[name] = t / calls
-  # Programs with one setup dispatch: subtract a dispatch-only program's time.
-  base = _median_seconds(shard(lambda x, idx, w: probe(buf.dispatch(
-      x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4])[None]), args, reps)
+  for name, f, extra in (("layout", layout_loop, inputs_idx),
+                         ("dispatch", dispatch_loop, inputs_x),
+                         ("cached_dispatch", cached_loop, inputs_x),
+                         ("combine", combine_loop, inputs_y)):
+    res[name] = _median_seconds(shard(f), args + extra, reps) / iters
+  # cached/combine programs also run one setup dispatch: subtract a program
+  # that runs only that.
+  base = _median_seconds(shard(lambda x, idx, w: probe(setup_handle(x, idx))[None]),
+                         args, reps)
   for name in ("cached_dispatch", "combine"):
     res[name] = max(res[name] - base / iters, 0.0)
-  # DeepEP's byte count: rows this rank sends to / gets back from other ranks.
-  rank = jax.process_index() if jax.process_count() > 1 else 0
-  layouts = [ept.reference_layout(i, E, R)[2] for i in idxs]
-  crossing = sum(int(np.delete(l, s, axis=1).sum()) for s, l in enumerate(layouts)) / R
-  res["crossing_bytes"] = crossing * H * 2
+  res["crossing_bytes"] = crossing_bytes_per_rank(
+      [ept.reference_layout(i, E, R)[2] for i in idxs], H * 2)
   # HBM traffic when every token stays here (R = 1): the cuda backend's local
   # path reads each row once and writes it once (the xla backend's gather too).
   res["local_bytes"] = 2 * N * H * 2 if R == 1 else None
-  res["rank"] = rank
   buf.destroy()
   return res
 
