@@ -1,27 +1,24 @@
-// Byte layout of the jax_ep communication buffer (one per GPU, see
-// docs/design.md "Communication buffer"). Usable from host and device code.
+// Limits, op names and the byte layout of the jax_ep communication buffer
+// (one per GPU, see docs/design.md "Communication buffer"). Usable from host
+// and device code; the one home for these numbers (Python reads them through
+// jax_ep._C, bound in module.cc, CPU builds too).
 //
-// Python reaches BufferBytesNeeded through jax_ep._C.buffer_bytes_needed
-// (bound in module.cc, CPU builds too). In formula form:
+// In formula form (every region start aligned to 128 bytes):
 //
-//   align(x)      = (x + 127) // 128 * 128        # every sub-array start
-//   row           = H * elt_bytes                  # bytes of one token row
-//   # dispatch part (offsets relative to the data region)
-//   d_x           = 0                              # recv_x      [M, row]
-//   d_idx         = align(d_x   + M * row)         # recv_topk_idx [M,K] i32
-//   d_w           = align(d_idx + M * K * 4)       # recv_topk_w   [M,K] f32
-//   d_src_idx     = align(d_w   + M * K * 4)       # recv_src_idx  [M]   i32
-//   d_src_rank    = align(d_src_idx + M * 4)       # recv_src_rank [M]   i32
-//   dispatch      = align(d_src_rank + M * 4)
-//   # combine part (offsets relative to the data region)
-//   c_slots       = 0                              # slots   [R, N, row]
-//   c_w           = align(R * N * row)             # weights [R, N, K] f32
-//   combine       = align(c_w + R * N * K * 4)
+//   row        = H * elt_bytes                 # bytes of one token row
+//   F          = max(M, (R - 1) * N)           # per-row arrival flags
+//   flags      = 4096                          # u64 [F]
+//   data       = flags + align(8 * F)          # shared by the ops, one at a time
+//   # dispatch and cached dispatch (receive rows from peers, by receive row)
+//   stage_rows = data                          # [M, row]
+//   stage_meta = stage_rows + align(M * row)   # [M, 2K] i32: local expert ids, f32 weights
+//   # combine (a peer's copy of one of our tokens, by (peer index, token))
+//   slots      = data                          # [(R-1) * N, row]
+//   slot_w     = slots + align((R-1) * N * row) # [(R-1) * N, K] f32
 //   BufferBytesNeeded(R, N, M, H, K, elt_bytes)
-//                 = 4096 + max(dispatch, combine)
+//              = max(end of dispatch part, end of combine part);  4096 when R = 1
 //
-// Header (first 4096 bytes): int32 barrier_signal[8] at +0, int32
-// barrier_epoch at +64, int32 counts[8][8] at +256 (row s written by rank s).
+// Header (first 4096 bytes), see the k*Offset constants below.
 #pragma once
 
 #include <cstddef>
@@ -37,68 +34,118 @@ namespace jax_ep {
 
 constexpr int kMaxRanks = 8;
 constexpr int kMaxTopK = 32;
+// Thread blocks of a peer kernel (num_sms); bounds the header's scan scratch.
+constexpr int kMaxBlocks = 64;
 constexpr int64_t kHeaderBytes = 4096;
 constexpr int64_t kSubArrayAlign = 128;
+// Dynamic shared memory one peer-kernel block may use (Hopper: 227 KB).
+constexpr int64_t kMaxSmemBytes = 227 * 1024;
 
-// Header offsets (bytes from the buffer base).
-constexpr int64_t kBarrierSignalOffset = 0;   // int32[8]
-constexpr int64_t kBarrierEpochOffset = 64;   // int32
-constexpr int64_t kCountsOffset = 256;        // int32[8][8]
-constexpr int64_t kDataOffset = kHeaderBytes; // data region start
-static_assert(kCountsOffset + kMaxRanks * kMaxRanks * 4 <= kHeaderBytes,
+// Ops, as carried by cross-rank signals and fault records.
+enum OpCode : int {
+  kOpNone = 0,
+  kOpDispatch = 1,
+  kOpCachedDispatch = 2,
+  kOpCombine = 3,
+  kOpLayout = 4,
+  kOpAbort = 15,  // a hello saying "this rank gave up on the op"
+};
+
+JAX_EP_HD const char* OpName(int op) {
+  switch (op) {
+    case kOpDispatch: return "dispatch";
+    case kOpCachedDispatch: return "cached_dispatch";
+    case kOpCombine: return "combine";
+    case kOpLayout: return "get_dispatch_layout";
+    default: return "unknown op";
+  }
+}
+
+// What a fault record (runtime.h) says went wrong.
+enum FaultKind : int {
+  kFaultNone = 0,
+  kFaultTimeout = 1,         // waited longer than timeout_ns for `peer`
+  kFaultOpMismatch = 2,      // `peer` ran `other_op` where we ran `op`
+  kFaultShapeMismatch = 3,   // same op, different shapes
+  kFaultLayoutMismatch = 4,  // the layout operand disagrees with topk_idx
+  kFaultPeerAborted = 5,     // `peer` gave up on the op (its own fault)
+  kFaultBadRank = 6,         // the rank operand is not the registered rank
+  kFaultDestroyed = 7,       // the Buffer was destroyed
+  kFaultHandleMismatch = 8,  // a peer's row disagrees with our handle
+};
+
+// Header offsets (bytes from the buffer base). "own" fields are read and
+// written by this rank only; [parity][src] slots are written by rank src.
+constexpr int64_t kSeqOffset = 0;            // u32, own: ops started on this buffer
+constexpr int64_t kDoneTicketOffset = 4;     // u32, own: blocks of the current op done
+constexpr int64_t kLayoutSeqOffset = 8;      // u32, own: layout calls
+constexpr int64_t kLayoutTicketOffset = 12;  // u32, own
+constexpr int64_t kLayoutZeroedOffset = 16;  // u32, own: layout seq once outputs are zeroed
+constexpr int64_t kHelloOffset = 64;         // u64 [2][kMaxRanks]: PackHello
+constexpr int64_t kCountsOffset = 256;       // i32 [2][kMaxRanks][kMaxRanks]: [par][src][dst]
+constexpr int64_t kBlockFlagOffset = 768;    // u32 [kMaxBlocks], own: seq once published
+constexpr int64_t kBlockCountsOffset = 1024; // i32 [kMaxBlocks][kMaxRanks + 1], own
+static_assert(kHelloOffset + 2 * kMaxRanks * 8 <= kCountsOffset, "header overlap");
+static_assert(kCountsOffset + 2 * kMaxRanks * kMaxRanks * 4 <= kBlockFlagOffset, "header overlap");
+static_assert(kBlockFlagOffset + kMaxBlocks * 4 <= kBlockCountsOffset, "header overlap");
+static_assert(kBlockCountsOffset + kMaxBlocks * (kMaxRanks + 1) * 4 <= kHeaderBytes,
               "header overflow");
 
 JAX_EP_HD constexpr int64_t AlignUp(int64_t x) {
   return (x + kSubArrayAlign - 1) / kSubArrayAlign * kSubArrayAlign;
 }
 
-// Dispatch part; all offsets relative to the data region start.
-struct DispatchLayout {
-  int64_t recv_x, recv_topk_idx, recv_topk_w, recv_src_idx, recv_src_rank;
-  int64_t bytes;  // size of the dispatch part
+// A cross-rank signal: the op's sequence number, the op and a 28-bit hash of
+// its shapes, in one 64-bit word so that a single store publishes all three.
+JAX_EP_HD constexpr uint64_t PackHello(uint32_t seq, int op, uint32_t shape_hash) {
+  return (static_cast<uint64_t>(seq) << 32) | (static_cast<uint64_t>(op & 0xf) << 28) |
+         (shape_hash & 0x0fffffffu);
+}
+JAX_EP_HD constexpr uint32_t HelloSeq(uint64_t h) { return static_cast<uint32_t>(h >> 32); }
+JAX_EP_HD constexpr int HelloOp(uint64_t h) { return static_cast<int>((h >> 28) & 0xf); }
+JAX_EP_HD constexpr uint32_t HelloShape(uint64_t h) {
+  return static_cast<uint32_t>(h & 0x0fffffffu);
+}
+
+// Byte offsets (from the buffer base) of the regions after the header.
+struct IntranodeRegions {
+  int64_t flags;         // u64 [num_flags]: (seq << 32) | source token, per row
+  int64_t num_flags;
+  int64_t stage_rows;    // dispatch: [M, row]
+  int64_t stage_meta;    // dispatch: [M, 2K] (K i32 local expert ids, K f32 weights)
+  int64_t slots;         // combine: [(R-1) * N, row]
+  int64_t slot_weights;  // combine: [(R-1) * N, K] f32
+  int64_t bytes;         // the whole buffer
 };
 
-JAX_EP_HD constexpr DispatchLayout MakeDispatchLayout(int64_t M, int64_t H,
-                                                      int64_t K,
-                                                      int64_t elt_bytes) {
-  DispatchLayout l{};
-  l.recv_x = 0;
-  l.recv_topk_idx = AlignUp(l.recv_x + M * H * elt_bytes);
-  l.recv_topk_w = AlignUp(l.recv_topk_idx + M * K * 4);
-  l.recv_src_idx = AlignUp(l.recv_topk_w + M * K * 4);
-  l.recv_src_rank = AlignUp(l.recv_src_idx + M * 4);
-  l.bytes = AlignUp(l.recv_src_rank + M * 4);
+JAX_EP_HD constexpr IntranodeRegions MakeIntranodeRegions(int64_t R, int64_t N, int64_t M,
+                                                         int64_t row_bytes, int64_t K) {
+  IntranodeRegions l{};
+  const int64_t peer_slots = (R - 1) * N;
+  l.num_flags = M > peer_slots ? M : peer_slots;
+  l.flags = kHeaderBytes;
+  const int64_t data = l.flags + AlignUp(8 * l.num_flags);
+  l.stage_rows = data;
+  l.stage_meta = l.stage_rows + AlignUp(M * row_bytes);
+  const int64_t dispatch_end = l.stage_meta + AlignUp(M * 2 * K * 4);
+  l.slots = data;
+  l.slot_weights = l.slots + AlignUp(peer_slots * row_bytes);
+  const int64_t combine_end = l.slot_weights + AlignUp(peer_slots * K * 4);
+  l.bytes = dispatch_end > combine_end ? dispatch_end : combine_end;
   return l;
 }
 
-// Combine part; all offsets relative to the data region start.
-struct CombineLayout {
-  int64_t slots, weights;
-  int64_t bytes;  // size of the combine part
-};
-
-JAX_EP_HD constexpr CombineLayout MakeCombineLayout(int64_t R, int64_t N,
-                                                    int64_t H, int64_t K,
-                                                    int64_t elt_bytes) {
-  CombineLayout l{};
-  l.slots = 0;
-  l.weights = AlignUp(l.slots + R * N * H * elt_bytes);
-  l.bytes = AlignUp(l.weights + R * N * K * 4);
-  return l;
+// With one rank nothing crosses: the ops copy operands straight into their
+// outputs and only the header (layout's counters) is used.
+JAX_EP_HD constexpr int64_t BufferBytesNeeded(int64_t R, int64_t N, int64_t M, int64_t H,
+                                              int64_t K, int64_t elt_bytes) {
+  return R <= 1 ? kHeaderBytes : MakeIntranodeRegions(R, N, M, H * elt_bytes, K).bytes;
 }
 
-JAX_EP_HD constexpr int64_t BufferBytesNeeded(int64_t R, int64_t N, int64_t M,
-                                              int64_t H, int64_t K,
-                                              int64_t elt_bytes) {
-  const int64_t d = MakeDispatchLayout(M, H, K, elt_bytes).bytes;
-  const int64_t c = MakeCombineLayout(R, N, H, K, elt_bytes).bytes;
-  return kHeaderBytes + (d > c ? d : c);
-}
-
-// Worked example the Python mirror can assert against.
-static_assert(BufferBytesNeeded(8, 4096, 8192, 7168, 8, 2) ==
-                  4096 + AlignUp(AlignUp(8LL * 4096 * 7168 * 2) +
-                                 8LL * 4096 * 8 * 4),
+// Worked example the Python mirror can assert against: DeepEP's shape at
+// R = 2 (M = N * R = 8192 rows of 7168 bf16, top-8).
+static_assert(BufferBytesNeeded(2, 4096, 8192, 7168, 8, 2) ==
+                  4096 + AlignUp(8LL * 8192) + AlignUp(8192LL * 14336) + AlignUp(8192LL * 16 * 4),
               "layout self-check");
 
 }  // namespace jax_ep

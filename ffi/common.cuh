@@ -1,13 +1,16 @@
-// Device helpers shared by the jax_ep kernels: error macros, 16-byte vector
-// copies, and the cross-rank barrier. CUDA sources only.
+// Device helpers shared by the jax_ep kernels: error macros, vector and bulk
+// (TMA) copies, cross-rank signals with timeouts, and fault reporting. CUDA
+// sources only.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "buffer_layout.h"
+#include "kernels.h"
 
 // Host side: return the cudaError_t of a failing call from the enclosing
 // function (which must itself return cudaError_t).
@@ -24,33 +27,23 @@
 
 namespace jax_ep {
 
-// Which op a barrier belongs to (for the timeout message).
-enum class OpId : int { kDispatch = 0, kCachedDispatch = 1, kCombine = 2 };
+constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ const char* OpName(OpId op) {
-  switch (op) {
-    case OpId::kDispatch:
-      return "dispatch";
-    case OpId::kCachedDispatch:
-      return "cached_dispatch";
-    default:
-      return "combine";
-  }
-}
+__device__ __forceinline__ int WarpId() { return threadIdx.x >> 5; }
+__device__ __forceinline__ int LaneId() { return threadIdx.x & 31; }
 
-// Base pointers of every rank's buffer, in rank order (self included), as
-// seen from this GPU. Passed by value so kernels index it in param space.
-struct PeerBases {
-  char* ptr[kMaxRanks];
-};
-
-// ptr[i] with a run-time i, written as an unrolled select so the array stays
-// in registers / param space instead of being copied to the local stack.
-__device__ __forceinline__ char* PeerAt(const PeerBases& p, int i) {
+// peers[i] with a run-time i, written as an unrolled select so the array stays
+// in param space instead of being copied to the local stack.
+__device__ __forceinline__ char* PeerAt(const GroupView& g, int i) {
   char* out = nullptr;
 #pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) out = (d == i) ? p.ptr[d] : out;
+  for (int d = 0; d < kMaxRanks; ++d) out = (d == i) ? g.peers[d] : out;
   return out;
+}
+
+template <typename T>
+__device__ __forceinline__ T* At(char* base, int64_t byte_offset) {
+  return reinterpret_cast<T*>(base + byte_offset);
 }
 
 // ---------------------------------------------------------------------------
@@ -63,19 +56,8 @@ __device__ __forceinline__ char* PeerAt(const PeerBases& p, int i) {
 __device__ __forceinline__ int4 LoadNc16(const int4* p) {
   int4 v;
   asm("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// Loads from the communication buffer (written by peers before the last
-// barrier, in an earlier kernel): plain global loads, no non-coherent path;
-// the data is stable for the whole kernel, so again not volatile.
-__device__ __forceinline__ int4 Load16(const int4* p) {
-  int4 v;
-  asm("ld.global.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
   return v;
 }
 
@@ -86,24 +68,120 @@ __device__ __forceinline__ void Store16(int4* p, const int4& v) {
                : "memory");
 }
 
-__device__ __forceinline__ int LoadVolatile(const int* p) {
-  int v;
-  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
+__device__ __forceinline__ int4 LoadShared16(const void* p) {
+  return *reinterpret_cast<const int4*>(p);
+}
+
+__device__ __forceinline__ uint32_t LoadAcquireSysU32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
-__device__ __forceinline__ int LoadAcquireSys(const int* p) {
-  int v;
-  asm volatile("ld.acquire.sys.global.s32 %0, [%1];"
-               : "=r"(v)
-               : "l"(p)
-               : "memory");
+__device__ __forceinline__ uint64_t LoadAcquireSysU64(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
 
-__device__ __forceinline__ void AtomicAddReleaseSys(int* p, int v) {
-  asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(p), "r"(v)
+__device__ __forceinline__ void StoreReleaseSysU32(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void StoreRelaxedSysU64(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void FenceAcqRelSys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+__device__ __forceinline__ void StoreReleaseSysU64(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// Bulk copies through the Tensor Memory Accelerator (Hopper's cp.async.bulk,
+// plain sm_90): one thread moves a whole row between global and shared memory
+// while the SM's warps do other work. Rows are pushed to peers with bulk
+// stores because an SM keeps far more bytes in flight that way than with
+// per-lane vector stores (NVIDIA's Hybrid-EP and DeepEP's newer kernels use
+// TMA for NVLink traffic for the same reason). Sizes and addresses must be
+// multiples of 16 bytes.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// One arrival per phase (the issuing lane), plus the expected bytes.
+__device__ __forceinline__ void MbarInit(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(SmemAddr(bar)) : "memory");
+}
+
+// Makes initialised barriers visible to the async proxy (the TMA unit).
+__device__ __forceinline__ void FenceMbarInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
                : "memory");
+}
+
+__device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(SmemAddr(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// Global -> shared; completes `bytes` of the barrier's expected transaction.
+__device__ __forceinline__ void BulkLoad(void* smem_dst, const void* gmem_src, uint32_t bytes,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(SmemAddr(smem_dst)),
+      "l"(gmem_src), "r"(bytes), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+// Shared -> global (local or a peer's memory); tracked by bulk groups.
+__device__ __forceinline__ void BulkStore(void* gmem_dst, const void* smem_src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(gmem_dst),
+               "r"(SmemAddr(smem_src)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void BulkCommit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// At most N of this thread's newest bulk groups still reading shared memory.
+template <int N>
+__device__ __forceinline__ void BulkWaitRead() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+
+// At most N of this thread's newest bulk groups not yet complete (written).
+template <int N>
+__device__ __forceinline__ void BulkWait() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Generic-proxy shared-memory writes -> later bulk stores that read them.
+__device__ __forceinline__ void FenceProxyAsyncShared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Orders global accesses of the generic proxy (flags, plain stores) against
+// those of the bulk copies, in either direction.
+__device__ __forceinline__ void FenceProxyAsyncGlobal() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
 __device__ __forceinline__ uint64_t GlobalTimerNs() {
@@ -112,75 +190,135 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
-__device__ __forceinline__ int* HeaderInt(char* base, int64_t byte_offset) {
-  return reinterpret_cast<int*>(base + byte_offset);
-}
-
 // ---------------------------------------------------------------------------
-// Cross-rank barrier. Must be called by every thread of exactly one block
-// with blockDim.x >= num_ranks. Pattern (signal slot per source rank bumped
-// with a system-scope atomic, spin with a timeout that traps) follows
-// DeepEP's intranode barrier_block; the epoch counter lets the signals grow
-// monotonically so they never need resetting.
+// Faults. A kernel that cannot go on (a peer that never answers, ranks that
+// disagree on the op, a stale layout, ...) writes what happened into the
+// process's host-mapped fault record (runtime.h: {state, kind, op, rank, peer,
+// other_op, seq}), prints it, and traps; the trap kills the CUDA context, so
+// the Python side reads the record to name the op and ranks.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ void RecordTimeout(int* record, OpId op, int rank,
-                                              int peer) {
+__device__ __forceinline__ void RecordFault(int* record, int kind, int op, int rank, int peer,
+                                            int other_op, uint32_t seq) {
   if (record == nullptr) return;
-  // First writer wins; state 2 = complete, read by the host after the trap.
+  // First writer wins; state 2 = complete.
   if (atomicCAS_system(record, 0, 1) == 0) {
     volatile int* r = record;
-    r[1] = static_cast<int>(op);
-    r[2] = rank;
-    r[3] = peer;
+    r[1] = kind;
+    r[2] = op;
+    r[3] = rank;
+    r[4] = peer;
+    r[5] = other_op;
+    r[6] = static_cast<int>(seq);
     __threadfence_system();
     atomicExch_system(record, 2);
   }
 }
 
-__device__ __forceinline__ void CrossRankBarrier(const PeerBases& peers,
-                                                 int num_ranks, int rank,
-                                                 int64_t timeout_ns, OpId op,
-                                                 int* fault_record) {
-  char* self = PeerAt(peers, rank);
-  int* signal = HeaderInt(self, kBarrierSignalOffset);
-  int* epoch = HeaderInt(self, kBarrierEpochOffset);
-  const int t = threadIdx.x;
-  // Everything this block (and earlier kernels on the stream) wrote must be
-  // visible to the peers before they see our signal.
-  __syncthreads();
-  if (t < num_ranks) {
-    __threadfence_system();
-    AtomicAddReleaseSys(HeaderInt(PeerAt(peers, t), kBarrierSignalOffset) + rank,
-                        1);
-    const int target = LoadVolatile(epoch) + 1;
-    const uint64_t start = GlobalTimerNs();
-    // Wrap-safe comparison: signals only ever grow.
-    while (LoadAcquireSys(signal + t) - target < 0) {
-      if (timeout_ns > 0 &&
-          GlobalTimerNs() - start > static_cast<uint64_t>(timeout_ns)) {
-        RecordTimeout(fault_record, op, rank, t);
-        printf("jax_ep: %s timed out on rank %d waiting for rank %d\n",
-               OpName(op), rank, t);
-        __trap();
-      }
-    }
+static __device__ __noinline__ void Fail(const GroupView& g, int kind, int op, int rank, int peer,
+                                  int other_op, uint32_t seq) {
+  RecordFault(g.fault_record, kind, op, rank, peer, other_op, seq);
+  switch (kind) {
+    case kFaultTimeout:
+      printf("jax_ep: %s timed out on rank %d waiting for rank %d\n", OpName(op), rank, peer);
+      break;
+    case kFaultOpMismatch:
+      printf("jax_ep: %s on rank %d met %s from rank %d\n", OpName(op), rank, OpName(other_op),
+             peer);
+      break;
+    case kFaultShapeMismatch:
+      printf("jax_ep: %s on rank %d met %s with different shapes from rank %d\n", OpName(op),
+             rank, OpName(other_op), peer);
+      break;
+    case kFaultLayoutMismatch:
+      printf("jax_ep: %s on rank %d: the layout does not match topk_idx (a stale layout?)\n",
+             OpName(op), rank);
+      break;
+    case kFaultPeerAborted:
+      printf("jax_ep: %s on rank %d: rank %d gave up on the op\n", OpName(op), rank, peer);
+      break;
+    case kFaultBadRank:
+      printf("jax_ep: %s got rank operand %d but the buffer is registered as rank %d\n",
+             OpName(op), peer, rank);
+      break;
+    case kFaultDestroyed:
+      printf("jax_ep: %s used a Buffer after destroy()\n", OpName(op));
+      break;
+    case kFaultHandleMismatch:
+      printf("jax_ep: %s on rank %d: a row from rank %d does not match the handle\n",
+             OpName(op), rank, peer);
+      break;
+    default:
+      printf("jax_ep: %s failed on rank %d\n", OpName(op), rank);
   }
-  __syncthreads();
-  if (t == 0) {
-    // Only this rank touches its epoch; stream order serialises updates.
-    *reinterpret_cast<volatile int*>(epoch) = LoadVolatile(epoch) + 1;
-  }
-  __syncthreads();
+  __trap();
 }
 
-// Read the device-side rank operand; returns -1 when it is out of range so
-// callers can bail out instead of indexing peers out of bounds.
-__device__ __forceinline__ int ReadRank(const int* rank_ptr, int num_ranks) {
-  const int r = __ldg(rank_ptr);
-  return (r >= 0 && r < num_ranks) ? r : -1;
+// Spin-wait bookkeeping: reads the clock only every 256 polls.
+struct Deadline {
+  uint64_t start = 0;
+  int64_t timeout_ns;
+  uint32_t polls = 0;
+  __device__ explicit Deadline(int64_t t) : timeout_ns(t) {}
+  __device__ __forceinline__ bool Expired() {
+    if ((++polls & 255u) != 0) return false;
+    const uint64_t now = GlobalTimerNs();
+    if (start == 0) start = now;
+    return timeout_ns > 0 && now - start > static_cast<uint64_t>(timeout_ns);
+  }
+};
+
+// Entry checks every peer kernel makes: the Buffer is alive and the rank
+// operand is the rank it was registered with (else every address is wrong).
+__device__ __forceinline__ int CheckedRank(const GroupView& g, const int32_t* rank_ptr, int op) {
+  if (*reinterpret_cast<const volatile uint32_t*>(g.alive) != g.buffer_id) {
+    Fail(g, kFaultDestroyed, op, g.rank, g.rank, kOpNone, 0);
+  }
+  const int rank = __ldg(rank_ptr);
+  if (rank != g.rank) Fail(g, kFaultBadRank, op, g.rank, rank, kOpNone, 0);
+  return rank;
 }
 
-__device__ __forceinline__ int WarpId() { return threadIdx.x >> 5; }
-__device__ __forceinline__ int LaneId() { return threadIdx.x & 31; }
+// Element traits for reductions: unpack a 16-byte vector to floats and back.
+template <typename T>
+struct VecTraits;
+
+template <>
+struct VecTraits<float> {
+  static constexpr int kElems = 4;
+  __device__ __forceinline__ static void Add(const int4& v, float* acc) {
+    acc[0] += __int_as_float(v.x);
+    acc[1] += __int_as_float(v.y);
+    acc[2] += __int_as_float(v.z);
+    acc[3] += __int_as_float(v.w);
+  }
+  __device__ __forceinline__ static int4 Pack(const float* acc) {
+    return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]),
+                     __float_as_int(acc[2]), __float_as_int(acc[3]));
+  }
+};
+
+template <>
+struct VecTraits<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  __device__ __forceinline__ static void AddWord(uint32_t w, float* acc) {
+    // bf16 -> f32 is exact: the bf16 bits are the top half of the f32.
+    acc[0] += __uint_as_float(w << 16);
+    acc[1] += __uint_as_float(w & 0xffff0000u);
+  }
+  __device__ __forceinline__ static void Add(const int4& v, float* acc) {
+    AddWord(static_cast<uint32_t>(v.x), acc + 0);
+    AddWord(static_cast<uint32_t>(v.y), acc + 2);
+    AddWord(static_cast<uint32_t>(v.z), acc + 4);
+    AddWord(static_cast<uint32_t>(v.w), acc + 6);
+  }
+  __device__ __forceinline__ static int PackWord(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const int*>(&h);
+  }
+  __device__ __forceinline__ static int4 Pack(const float* acc) {
+    return make_int4(PackWord(acc[0], acc[1]), PackWord(acc[2], acc[3]),
+                     PackWord(acc[4], acc[5]), PackWord(acc[6], acc[7]));
+  }
+};
 
 }  // namespace jax_ep

@@ -17,6 +17,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLayout);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCombine);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpClock);
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -40,6 +41,7 @@ void BindCuda(nb::module_& m) {
     d["jax_ep_dispatch"] = EncapsulateHandler(JaxEpDispatch);
     d["jax_ep_cached_dispatch"] = EncapsulateHandler(JaxEpCachedDispatch);
     d["jax_ep_combine"] = EncapsulateHandler(JaxEpCombine);
+    d["jax_ep_clock"] = EncapsulateHandler(JaxEpClock);
     return d;
   });
 
@@ -65,7 +67,7 @@ void BindCuda(nb::module_& m) {
   m.def(
       "register_group",
       [](int64_t buffer_id, const DeviceBuffer& local, int rank, int num_ranks,
-         nb::list peers) {
+         int ranks_on_device, nb::list peers) {
         std::vector<PeerSpec> specs;
         specs.reserve(nb::len(peers));
         for (nb::handle h : peers) {
@@ -88,9 +90,9 @@ void BindCuda(nb::module_& m) {
           specs.push_back(std::move(s));
         }
         nb::gil_scoped_release release;
-        RegisterGroup(buffer_id, local, rank, num_ranks, specs);
+        RegisterGroup(buffer_id, local, rank, num_ranks, ranks_on_device, specs);
       },
-      "buffer_id"_a, "local"_a, "rank"_a, "num_ranks"_a, "peers"_a);
+      "buffer_id"_a, "local"_a, "rank"_a, "num_ranks"_a, "ranks_on_device"_a, "peers"_a);
 
   m.def(
       "unregister_group",
@@ -100,14 +102,47 @@ void BindCuda(nb::module_& m) {
       },
       "buffer_id"_a, "device_ordinal"_a);
 
-  // (op, rank, peer) of a barrier of this process that timed out, else None.
-  m.def("timeout_record", []() -> nb::object {
-    int op = 0, rank = 0, peer = 0;
-    if (!ReadFaultRecord(&op, &rank, &peer)) return nb::none();
-    static const char* kOps[] = {"dispatch", "cached_dispatch", "combine"};
-    const char* name = (op >= 0 && op < 3) ? kOps[op] : "unknown op";
-    return nb::make_tuple(name, rank, peer);
+  // What a kernel of this process recorded before it trapped, as the message
+  // it printed ("jax_ep: dispatch timed out on rank 0 waiting for rank 1"),
+  // else None.
+  m.def("fault_message", []() -> nb::object {
+    Fault f{};
+    if (!ReadFaultRecord(&f)) return nb::none();
+    const std::string op = OpName(f.op), other = OpName(f.other_op);
+    const std::string r = std::to_string(f.rank), p = std::to_string(f.peer);
+    std::string msg;
+    switch (f.kind) {
+      case kFaultTimeout: msg = op + " timed out on rank " + r + " waiting for rank " + p; break;
+      case kFaultOpMismatch: msg = op + " on rank " + r + " met " + other + " from rank " + p; break;
+      case kFaultShapeMismatch:
+        msg = op + " on rank " + r + " met " + other + " with different shapes from rank " + p;
+        break;
+      case kFaultLayoutMismatch:
+        msg = op + " on rank " + r + ": the layout does not match topk_idx (a stale layout?)";
+        break;
+      case kFaultPeerAborted: msg = op + " on rank " + r + ": rank " + p + " gave up on the op"; break;
+      case kFaultBadRank:
+        msg = op + " got rank operand " + p + " but the buffer is registered as rank " + r;
+        break;
+      case kFaultDestroyed: msg = op + " used a Buffer after destroy()"; break;
+      case kFaultHandleMismatch:
+        msg = op + " on rank " + r + ": a row from rank " + p + " does not match the handle";
+        break;
+      default: msg = op + " failed on rank " + r;
+    }
+    return nb::str(("jax_ep: " + msg).c_str());
   });
+
+  m.def(
+      "p2p_bandwidth",
+      [](int device_a, int device_b, int64_t num_bytes, int iters) {
+        nb::gil_scoped_release release;
+        return MeasurePeerCopyGbps(device_a, device_b, num_bytes, iters);
+      },
+      "device_a"_a, "device_b"_a, "num_bytes"_a = int64_t{1} << 30, "iters"_a = 10,
+      "Copy-engine GB/s each way between two devices, both directions at once.");
+
+  m.def("pci_bus_id", &DevicePciBusId, "device_ordinal"_a);
 
   // 0 when no usable driver/device (CPU-only machines) instead of raising.
   m.def("cuda_device_count", []() {

@@ -1,864 +1,1161 @@
-// Intranode dispatch / cached dispatch / combine over a peer-mapped buffer.
+// Intranode dispatch / cached dispatch / combine over peer-mapped buffers
+// (NVLink), one fused kernel per op. See docs/design.md "Intranode v2".
 //
-// Unlike DeepEP's ring-buffer channels, each op here writes straight into
-// fixed slots of the receiver's buffer (rows addressed by send_pos), fenced by
-// whole-group barriers; see docs/design.md. Ideas borrowed from DeepEP
-// (csrc/kernels/intranode.cu): exchanging per-rank counts through the peers'
-// buffers and deriving the receive offsets from the rank prefix sums; one warp
-// per token row with wide vector copies; fp32 accumulation in combine; a
-// timeout-and-trap barrier.
+// Every block runs warps in three roles at once, so that nothing waits for a
+// whole phase to finish:
+//   - push warps read each row once (bulk load into shared memory) and bulk-
+//     store it into every peer that needs it, then flag the row in that peer's
+//     buffer once the store is complete;
+//   - local warps copy the rows that stay on this rank straight into the
+//     output (no staging);
+//   - drain warps (dispatch) copy rows out of this rank's buffer as their
+//     flags arrive; reduce warps (combine) sum each token's copies as they
+//     arrive.
+// Ops are ordered across ranks by per-Buffer sequence numbers: each op opens
+// with a 64-bit "hello" (sequence, op, shape hash) written into every peer;
+// a rank writes into a peer only after reading that peer's hello for the same
+// op, i.e. after the peer has finished everything before it. Row flags carry
+// the sequence number too, so nothing needs resetting and stale data can never
+// pass for new. Ideas from DeepEP (csrc/kernels/intranode.cu: count exchange
+// through peers' buffers, prefix offsets, sender/receiver specialisation) and
+// from NVIDIA's Hybrid-EP / DeepEP V2 (TMA for NVLink traffic).
 #include <algorithm>
-
-#include <cuda_bf16.h>
+#include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
 
 #include "common.cuh"
 #include "kernels.h"
 
 namespace jax_ep {
+namespace intranode {
 namespace {
 
-// Data-movement blocks: 16 warps, one block per SM (grid = num_sms), so the
-// register cap is 128 (minBlocks=1 keeps ptxas from squeezing to 64 + spills).
-constexpr int kThreads = 512;
-constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int kCopyUnroll = 4;      // 16-byte loads in flight per lane
-constexpr int kReduceUnroll = 2;    // per source rank, in the combine reduce
-constexpr int kScanThreads = 1024;  // notify + send_pos scan (one block)
-constexpr int kBarrierThreads = 32;
-constexpr int64_t kMaxSmemBytes = 48 * 1024;
-constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarps = 6;
+constexpr int kThreads = kWarps * 32;
+constexpr int kPushWarps = 2;                        // warps 0-1
+constexpr int kCopyWarps = 2;                        // per copy role
+constexpr int kFirstLocalWarp = kPushWarps;          // warps 2-3: local rows
+constexpr int kFirstDrainWarp = kPushWarps + kCopyWarps;  // warps 4-5: arrived rows
+constexpr int kReduceWarps = kWarps - kPushWarps;    // combine: warps 2-5
+static_assert(kFirstDrainWarp + kCopyWarps == kWarps, "warp roles");
+constexpr int kPushStages = 4, kPushLookahead = 2;
+constexpr int kCopyStages = 2, kCopyLookahead = 1;
+// Pushed rows are flagged in batches of Plan::flag_batch, leaving the newest
+// Plan::flag_keep bulk stores in flight: a flag needs its row's store complete
+// plus a system-scope fence, and paying that per row would cap a warp at about
+// one row per NVLink round trip. The ring holds the rows not yet flagged.
+constexpr int kFlagRing = 16;
+constexpr int kHistBins = 256;  // shared-memory expert histogram when E/R fits
+// Dynamic shared memory per block: the opt-in maximum less room for the
+// kernels' static arrays.
+constexpr int64_t kSmemBudget = kMaxSmemBytes - 1024;
+constexpr int kDispatchStages = kPushWarps * kPushStages + 2 * kCopyWarps * kCopyStages;
+constexpr int kDispatchBars = kDispatchStages;
+constexpr int kCombineBars = kPushWarps * kPushStages + kReduceWarps * 2;
 
-__device__ __forceinline__ PeerBases ToPeers(const GroupView& g) {
-  PeerBases p;
-#pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) p.ptr[d] = g.peers[d];
-  return p;
+// Per-launch shared-memory plan, made on the host (MakePlan).
+struct Plan {
+  int grid;
+  int flag_batch;       // rows flagged together, 1..kFlagRing - flag_keep
+  int flag_keep;        // newest stores left in flight when flagging: 0, 1, 2 or 4
+  int num_chunks;       // bulk copies per row
+  int64_t chunk_bytes;  // bytes per bulk copy (the last chunk of a row may be shorter)
+  int64_t stage_bytes;  // stride between stages, >= chunk_bytes
+  int64_t bars_offset, flag_ring_offset, hist_offset, smem_bytes;
+  bool use_hist;
+};
+
+// A pushed row waiting for its flag: the value's low word and the row per rank.
+struct FlagEntry {
+  int64_t low;  // -1: nothing to flag (not the last chunk of a row)
+  int pos[kMaxRanks];
+};
+
+// ---------------------------------------------------------------------------
+// Small device helpers.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t LoadAcquireGpuU32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
-// Reads the rank operand and checks it against the registry; a mismatch would
-// make every peer address wrong, so it traps like a barrier timeout does.
-__device__ __forceinline__ int CheckedRank(const GroupView& g,
-                                           const int32_t* rank_ptr, OpId op) {
-  const int rank = __ldg(rank_ptr);
-  if (rank != g.registered_rank) {
-    if (threadIdx.x == 0) {
-      printf("jax_ep: %s got rank operand %d but buffer is registered as rank %d\n",
-             OpName(op), rank, g.registered_rank);
+__device__ __forceinline__ void StoreReleaseGpuU32(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t FlagValue(uint32_t seq, int64_t low) {
+  return (static_cast<uint64_t>(seq) << 32) | static_cast<uint32_t>(low);
+}
+
+// Receive rows that hold data: the routed count, capped at the capacity M.
+__device__ __forceinline__ int64_t ValidRows(int32_t num_recv_tokens, int64_t M) {
+  const int64_t n = num_recv_tokens < 0 ? 0 : num_recv_tokens;
+  return n < M ? n : M;
+}
+
+__device__ __forceinline__ int PeerIndex(int d, int at) { return d < at ? d : d - 1; }
+
+__device__ __forceinline__ uint32_t ChunkBytes(const Plan& p, int64_t row_bytes, int c) {
+  return static_cast<uint32_t>(c + 1 < p.num_chunks ? p.chunk_bytes
+                                                    : row_bytes - c * p.chunk_bytes);
+}
+
+// Waits for rank `src`'s hello for this op in our header; a hello for the same
+// sequence number but another op, other shapes or an abort is fatal.
+__device__ void WaitHello(const GroupView& g, char* own, int par, int src, uint64_t want, int op,
+                          int me, uint32_t seq, int64_t timeout_ns) {
+  const uint64_t* slot = At<uint64_t>(own, kHelloOffset) + par * kMaxRanks + src;
+  Deadline dl(timeout_ns);
+  while (true) {
+    const uint64_t v = LoadAcquireSysU64(slot);
+    if (v == want) return;
+    if (HelloSeq(v) == seq) {
+      const int other = HelloOp(v);
+      const int kind = other == kOpAbort ? kFaultPeerAborted
+                       : other != op     ? kFaultOpMismatch
+                                         : kFaultShapeMismatch;
+      Fail(g, kind, op, me, src, other, seq);
     }
-    __trap();
+    if (dl.Expired()) Fail(g, kFaultTimeout, op, me, src, kOpNone, seq);
   }
-  return rank;
 }
 
-__device__ __forceinline__ int64_t GlobalWarp() {
-  return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + WarpId();
-}
-__device__ __forceinline__ int64_t NumWarps() {
-  return static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+// Waits until every bulk group but the newest `keep` of this thread completed.
+__device__ __forceinline__ void BulkWaitKeep(int keep) {
+  switch (keep) {
+    case 0: BulkWait<0>(); break;
+    case 1: BulkWait<1>(); break;
+    case 2: BulkWait<2>(); break;
+    default: BulkWait<4>(); break;
+  }
 }
 
-// Copies one row of `n16` 16-byte vectors with the whole warp, keeping
-// kCopyUnroll loads in flight per lane. `kSrcIsOperand` picks the
-// non-coherent load for XLA operands.
-template <bool kSrcIsOperand>
-__device__ __forceinline__ void WarpCopyRow(int4* __restrict__ dst,
-                                            const int4* __restrict__ src,
-                                            int64_t n16, int lane) {
-  for (int64_t c = lane; c < n16; c += 32 * kCopyUnroll) {
-    int4 v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int64_t j = c + u * 32;
-      if (j < n16) v[u] = kSrcIsOperand ? LoadNc16(src + j) : Load16(src + j);
+// How many consecutive items v, v + step, ... (< end) are ready to be read,
+// spinning until v is: lane j checks item v + j * step with `is_ready(item)`
+// (all lanes call this). One fence then orders the flags read against the bulk
+// loads lane 0 issues next, for the whole run.
+template <class IsReady, class OnTimeout>
+__device__ int WaitReadyRun(int64_t v, int64_t end, int64_t step, IsReady is_ready,
+                            OnTimeout on_timeout, int64_t timeout_ns, int lane) {
+  Deadline dl(timeout_ns);
+  while (true) {
+    const int64_t item = v + lane * step;
+    const bool ok = item >= end || is_ready(item);
+    const unsigned bal = __ballot_sync(kFullMask, ok);
+    if (bal & 1u) {
+      __syncwarp();
+      if (lane == 0) FenceProxyAsyncGlobal();
+      __syncwarp();
+      return bal == kFullMask ? 32 : __ffs(~bal) - 1;
     }
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int64_t j = c + u * 32;
-      if (j < n16) Store16(dst + j, v[u]);
+    if (dl.Expired() && lane == 0) on_timeout();
+    __syncwarp();
+  }
+}
+
+// Every peer writes this rank's hello slot for the op (block 0, warp 0).
+__device__ void SendHellos(const GroupView& g, int par, int me, uint64_t hello, int lane) {
+  if (lane < g.num_ranks && lane != me) {
+    StoreReleaseSysU64(At<uint64_t>(PeerAt(g, lane), kHelloOffset) + par * kMaxRanks + me, hello);
+  }
+}
+
+// The last block to finish advances the rank's sequence number.
+__device__ void FinishOp(char* own, uint32_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    uint32_t* ticket = At<uint32_t>(own, kDoneTicketOffset);
+    if (atomicAdd(ticket, 1u) == gridDim.x - 1) {
+      *ticket = 0;
+      *At<volatile uint32_t>(own, kSeqOffset) = seq;
     }
   }
 }
 
-__device__ __forceinline__ void WarpZeroRow(int4* __restrict__ dst, int64_t n16,
-                                            int lane) {
-  const int4 z = make_int4(0, 0, 0, 0);
-  for (int64_t j = lane; j < n16; j += 32) Store16(dst + j, z);
-}
-
-// Reads one row from an XLA operand once and writes it to every destination
-// row dst_row[d] (d with pos[d] >= 0) of the peers' recv_x regions.
-__device__ __forceinline__ void WarpScatterRow(const PeerBases& peers,
-                                               int64_t region_offset,
-                                               const int (&pos)[kMaxRanks],
-                                               const int4* __restrict__ src,
-                                               int64_t n16, int lane) {
-  for (int64_t c = lane; c < n16; c += 32 * kCopyUnroll) {
-    int4 v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int64_t j = c + u * 32;
-      if (j < n16) v[u] = LoadNc16(src + j);
-    }
+// This block's share [lo + b*n/G, lo + (b+1)*n/G) of up to R row ranges,
+// concatenated, so a warp can walk them with one index. The shares line up
+// with the senders' token ranges, so rows tend to be drained in arrival order.
+struct Windows {
+  int64_t lo[kMaxRanks], len[kMaxRanks];
+  int64_t total;
+  __device__ void Set(const int64_t (&range_lo)[kMaxRanks], const int64_t (&range_hi)[kMaxRanks],
+                      int skip) {
+    total = 0;
+    const int64_t b = blockIdx.x, G = gridDim.x;
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
-      if (pos[d] < 0) continue;
-      int4* dst = reinterpret_cast<int4*>(peers.ptr[d] + kDataOffset +
-                                          region_offset) +
-                  static_cast<int64_t>(pos[d]) * n16;
+      const int64_t span = range_hi[d] - range_lo[d];
+      const int64_t n = (d == skip || span < 0) ? 0 : span;
+      lo[d] = range_lo[d] + b * n / G;
+      len[d] = range_lo[d] + (b + 1) * n / G - lo[d];
+      total += len[d];
+    }
+  }
+  // Row of item v (< total) and the range (source rank) it belongs to.
+  __device__ int64_t Row(int64_t v, int* range) const {
+    int64_t row = -1;
+    int which = -1;
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int64_t j = c + u * 32;
-        if (j < n16) Store16(dst + j, v[u]);
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (which < 0 && v < len[d]) {
+        row = lo[d] + v;
+        which = d;
+      }
+      if (which < 0) v -= len[d];
+    }
+    *range = which;
+    return row;
+  }
+};
+
+// Row ranges of each source rank among the first `valid` receive rows, which
+// are sorted by source rank (binary search, one lane per rank).
+__device__ void SourceRanges(const int32_t* recv_src_rank, int64_t valid, int R, int lane,
+                             int64_t (&lo)[kMaxRanks], int64_t (&hi)[kMaxRanks]) {
+  int64_t mine = valid;
+  if (lane <= R) {
+    int64_t a = 0, z = valid;  // first row with source >= lane
+    while (a < z) {
+      const int64_t m = (a + z) / 2;
+      if (__ldg(recv_src_rank + m) < lane) a = m + 1; else z = m;
+    }
+    mine = a;
+  }
+#pragma unroll
+  for (int d = 0; d < kMaxRanks; ++d) {
+    const int64_t start = __shfl_sync(kFullMask, mine, d);
+    const int64_t stop = __shfl_sync(kFullMask, mine, d + 1);
+    lo[d] = d < R ? start : valid;
+    hi[d] = d < R ? stop : valid;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// A warp's ring of shared-memory stages; lane 0 issues the bulk copies, every
+// lane tracks the barrier phases.
+// ---------------------------------------------------------------------------
+struct Ring {
+  char* stage0;
+  uint64_t* bar0;
+  int64_t stage_bytes;
+  uint32_t phase;
+  __device__ char* Stage(int s) const { return stage0 + s * stage_bytes; }
+};
+
+__device__ Ring MakeRing(char* smem, const Plan& p, int first_stage, int first_bar, int num_bars,
+                         int lane) {
+  Ring r{smem + first_stage * p.stage_bytes, At<uint64_t>(smem, p.bars_offset) + first_bar,
+         p.stage_bytes, 0u};
+  if (lane == 0) {
+    for (int s = 0; s < num_bars; ++s) MbarInit(r.bar0 + s);
+    FenceMbarInit();
+  }
+  __syncwarp();
+  return r;
+}
+
+__device__ __forceinline__ void RingWait(Ring& r, int s) {
+  while (!MbarTryWait(r.bar0 + s, (r.phase >> s) & 1u)) {
+  }
+  r.phase ^= 1u << s;
+}
+
+// Push pipeline: items are (index, chunk); `next(i)` is the first index >= i
+// with a destination (or >= end); `dests(i, pos, &low)` gives every lane the
+// destination row per rank (-1: none) and the flag's low word; `src_row(i)`,
+// `dst_row(d, pos)`, `dst_flag(d, pos)` address rows and flags; `meta(i, d,
+// pos, lane)` writes a row's metadata (all lanes). Rows are flagged in
+// batches once their bulk stores are complete (see kFlagRing).
+template <class Next, class Dests, class SrcRow, class DstRow, class DstFlag, class Meta>
+__device__ void PushPipeline(int64_t first, int64_t end, int64_t step, Next next, Dests dests,
+                             SrcRow src_row, DstRow dst_row, DstFlag dst_flag, Meta meta,
+                             Ring& ring, FlagEntry* ring_flags, const Plan& p, int64_t row_bytes,
+                             uint32_t seq, int lane) {
+  constexpr int S = kPushStages, L = kPushLookahead;
+  int64_t li = next(first), si = li, loaded = 0, stored = 0;
+  int lc = 0, sc = 0;
+  auto issue_load = [&] {
+    const int s = static_cast<int>(loaded % S);
+    if (lane == 0) {
+      const uint32_t bytes = ChunkBytes(p, row_bytes, lc);
+      MbarArriveExpectTx(ring.bar0 + s, bytes);
+      BulkLoad(ring.Stage(s), src_row(li) + lc * p.chunk_bytes, bytes, ring.bar0 + s);
+    }
+    ++loaded;
+    if (++lc == p.num_chunks) {
+      lc = 0;
+      li = next(li + step);
+    }
+  };
+  int64_t flagged = 0;  // items before this one have had their flags written
+  // Lane 0, once the stores of items [flagged, upto) are complete: their
+  // writes (and every lane's metadata) become visible before the flags.
+  auto publish = [&](int64_t upto) {
+    FenceProxyAsyncGlobal();
+    FenceAcqRelSys();
+    for (int64_t q = flagged; q < upto; ++q) {
+      const FlagEntry& f = ring_flags[q % kFlagRing];
+      if (f.low < 0) continue;
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (f.pos[d] >= 0) StoreRelaxedSysU64(dst_flag(d, f.pos[d]), FlagValue(seq, f.low));
       }
     }
-  }
-}
-
-// Every lane learns every destination row of token i (lane d holds
-// send_pos[i, d]); positions outside [0, M) are treated as "not sent".
-__device__ __forceinline__ bool GatherPositions(const int32_t* send_pos,
-                                                int64_t i, int num_ranks,
-                                                int64_t num_recv_rows, int lane,
-                                                int (&pos)[kMaxRanks]) {
-  int mine = -1;
-  if (lane < num_ranks) {
-    mine = __ldg(send_pos + i * num_ranks + lane);
-    if (mine < 0 || mine >= num_recv_rows) mine = -1;
-  }
+  };
+  while (loaded < L && li < end) issue_load();
+  while (si < end) {
+    const int s = static_cast<int>(stored % S);
+    RingWait(ring, s);
+    int pos[kMaxRanks];
+    int64_t low = 0;
+    dests(si, pos, &low);
+    const bool last_chunk = sc + 1 == p.num_chunks;
+    if (lane == 0) {
+      const uint32_t bytes = ChunkBytes(p, row_bytes, sc);
 #pragma unroll
-  for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, mine, d);
-  return __ballot_sync(kFullMask, mine >= 0) != 0;
-}
-
-__device__ __forceinline__ int64_t ValidRows(const int32_t* num_recv_tokens,
-                                             int64_t num_recv_rows) {
-  const int64_t n = *num_recv_tokens;
-  return n < 0 ? 0 : (n < num_recv_rows ? n : num_recv_rows);
-}
-
-// ---------------------------------------------------------------------------
-// One rank (R = 1): the only "peer" is this GPU, so the ops skip the buffer
-// and copy operands straight into the outputs: one read and one write per row
-// instead of two of each. Rows are placed by send_pos exactly as the
-// multi-rank path places them, so the results are identical.
-// ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    DispatchLocalKernel(const int4* __restrict__ x, const int32_t* __restrict__ topk_idx,
-                        const float* __restrict__ topk_weights,
-                        const int32_t* __restrict__ send_pos,
-                        const int32_t* num_recv_tokens, int64_t num_tokens,
-                        int64_t num_recv_rows, int64_t n16, int num_topk,
-                        int num_experts, bool use_smem, int4* __restrict__ recv_x,
-                        int32_t* __restrict__ recv_topk_idx,
-                        float* __restrict__ recv_topk_weights,
-                        int32_t* __restrict__ expert_counts,
-                        int32_t* __restrict__ recv_src_idx,
-                        int32_t* __restrict__ recv_src_rank) {
-  extern __shared__ int s_hist[];  // [num_experts] when use_smem
-  const int lane = LaneId();
-  if (use_smem) {
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) s_hist[e] = 0;
-    __syncthreads();
-  }
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    const int64_t p = __ldg(send_pos + i);
-    if (p < 0 || p >= num_recv_rows) continue;  // warp-uniform
-    WarpCopyRow<true>(recv_x + p * n16, x + i * n16, n16, lane);
-    if (lane < num_topk) {
-      const int e = __ldg(topk_idx + i * num_topk + lane);
-      const bool ok = e >= 0 && e < num_experts;
-      recv_topk_idx[p * num_topk + lane] = ok ? e : -1;
-      recv_topk_weights[p * num_topk + lane] =
-          ok ? __ldg(topk_weights + i * num_topk + lane) : 0.f;
-      if (ok) atomicAdd(use_smem ? s_hist + e : expert_counts + e, 1);
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (pos[d] >= 0) BulkStore(dst_row(d, pos[d]) + sc * p.chunk_bytes, ring.Stage(s), bytes);
+      }
+      BulkCommit();
+      FlagEntry& f = ring_flags[stored % kFlagRing];
+      f.low = last_chunk ? low : -1;
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) f.pos[d] = pos[d];
     }
-    if (lane == 0) {
-      recv_src_idx[p] = static_cast<int32_t>(i);
-      recv_src_rank[p] = 0;
+    if (sc == 0) {
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (pos[d] >= 0) meta(si, d, pos[d], lane);
+      }
+    }
+    ++stored;
+    __syncwarp();  // every lane's metadata precedes the flags lane 0 may write next
+    if (stored - flagged >= p.flag_batch + p.flag_keep) {
+      if (lane == 0) {
+        BulkWaitKeep(p.flag_keep);
+        publish(stored - p.flag_keep);
+      }
+      flagged = stored - p.flag_keep;
+    }
+    if (++sc == p.num_chunks) {
+      sc = 0;
+      si = next(si + step);
+    }
+    if (li < end) {
+      if (lane == 0 && loaded >= S) BulkWaitRead<S - L>();
+      issue_load();
     }
   }
-  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
-  for (int64_t r = valid_rows + GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
-    WarpZeroRow(recv_x + r * n16, n16, lane);
-    if (lane < num_topk) {
-      recv_topk_idx[r * num_topk + lane] = -1;
-      recv_topk_weights[r * num_topk + lane] = 0.f;
-    }
+  if (lane == 0) {
+    BulkWait<0>();
+    publish(stored);
+  }
+  __syncwarp();
+}
+
+// Copy pipeline (one destination, no flags): `next(i)` as above, `ready(i)`
+// (all lanes, before the row's first load) waits until the row may be read,
+// `src_row(i)` / `dst_row(i)` address the rows, `meta(i, lane)` handles the
+// row's metadata (all lanes).
+template <class Next, class Ready, class SrcRow, class DstRow, class Meta>
+__device__ void CopyPipeline(int64_t first, int64_t end, int64_t step, Next next, Ready ready,
+                             SrcRow src_row, DstRow dst_row, Meta meta, Ring& ring, const Plan& p,
+                             int64_t row_bytes, int lane) {
+  constexpr int S = kCopyStages, L = kCopyLookahead;
+  int64_t li = next(first), si = li, loaded = 0, stored = 0;
+  int lc = 0, sc = 0;
+  auto issue_load = [&] {
+    const int s = static_cast<int>(loaded % S);
+    if (lc == 0) ready(li);
     if (lane == 0) {
+      const uint32_t bytes = ChunkBytes(p, row_bytes, lc);
+      MbarArriveExpectTx(ring.bar0 + s, bytes);
+      BulkLoad(ring.Stage(s), src_row(li) + lc * p.chunk_bytes, bytes, ring.bar0 + s);
+    }
+    __syncwarp();
+    ++loaded;
+    if (++lc == p.num_chunks) {
+      lc = 0;
+      li = next(li + step);
+    }
+  };
+  while (loaded < L && li < end) issue_load();
+  while (si < end) {
+    const int s = static_cast<int>(stored % S);
+    RingWait(ring, s);
+    if (lane == 0) {
+      BulkStore(dst_row(si) + sc * p.chunk_bytes, ring.Stage(s), ChunkBytes(p, row_bytes, sc));
+      BulkCommit();
+    }
+    if (sc == 0) meta(si, lane);
+    ++stored;
+    __syncwarp();
+    if (++sc == p.num_chunks) {
+      sc = 0;
+      si = next(si + step);
+    }
+    if (li < end) {
+      if (lane == 0 && loaded >= S) BulkWaitRead<S - L>();
+      issue_load();
+    }
+  }
+  if (lane == 0) BulkWait<0>();
+  __syncwarp();
+}
+
+// Zero rows [valid, M) of a receive buffer (drain warps of every block).
+__device__ void ZeroPadding(int64_t valid, int64_t M, int64_t row_bytes, int K, char* recv_x,
+                            int32_t* recv_topk_idx, float* recv_weights, int32_t* recv_src_idx,
+                            int32_t* recv_src_rank, int lane) {
+  const int64_t gw = static_cast<int64_t>(blockIdx.x) * kCopyWarps + (WarpId() - kFirstDrainWarp);
+  const int64_t num = static_cast<int64_t>(gridDim.x) * kCopyWarps;
+  const int64_t n16 = row_bytes / 16;
+  const int4 z = make_int4(0, 0, 0, 0);
+  for (int64_t r = valid + gw; r < M; r += num) {
+    int4* row = reinterpret_cast<int4*>(recv_x + r * row_bytes);
+    for (int64_t j = lane; j < n16; j += 32) Store16(row + j, z);
+    if (lane < K) {
+      if (recv_topk_idx != nullptr) recv_topk_idx[r * K + lane] = -1;
+      recv_weights[r * K + lane] = 0.f;
+    }
+    if (lane == 0 && recv_src_idx != nullptr) {
       recv_src_idx[r] = -1;
       recv_src_rank[r] = -1;
     }
   }
-  if (use_smem) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-      if (s_hist[e] != 0) atomicAdd(expert_counts + e, s_hist[e]);
-    }
-  }
 }
 
+// ---------------------------------------------------------------------------
+// Dispatch.
+//   P0  every block: destinations of its tokens (from topk_idx), checked
+//       against the caller's layout; per-block counts into the header.
+//   P1  block 0: totals (checked against the layout), then this rank's counts
+//       row and hello into every rank.
+//   P2  every block: every rank's hello; offsets; send_pos for its tokens.
+//   P3  push / local / drain warps.
+// ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads, 1)
-    CachedLocalKernel(const int4* __restrict__ x, const float* __restrict__ weights,
-                      const int32_t* __restrict__ send_pos,
-                      const int32_t* num_recv_tokens, int64_t num_tokens,
-                      int64_t num_recv_rows, int64_t n16, int num_topk, bool has_weights,
-                      int4* __restrict__ recv_x, float* __restrict__ recv_weights) {
-  const int lane = LaneId();
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    const int64_t p = __ldg(send_pos + i);
-    if (p < 0 || p >= num_recv_rows) continue;
-    WarpCopyRow<true>(recv_x + p * n16, x + i * n16, n16, lane);
-    if (lane < num_topk) {
-      recv_weights[p * num_topk + lane] =
-          has_weights ? __ldg(weights + i * num_topk + lane) : 0.f;
+    DispatchKernel(const DispatchArgs a, const Plan p, const uint32_t shape_hash) {
+  extern __shared__ __align__(128) char smem[];
+  const GroupView& g = a.group;
+  const int me = CheckedRank(g, a.rank, kOpDispatch);
+  const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
+  const int t = threadIdx.x, lane = LaneId(), warp = WarpId();
+  char* own = PeerAt(g, me);
+  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  const int par = seq & 1;
+  const uint64_t hello = PackHello(seq, kOpDispatch, shape_hash);
+  const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;
+  const int K = a.num_topk, E = a.num_experts, El = E / R;
+  const IntranodeRegions reg = MakeIntranodeRegions(R, N, M, row_bytes, K);
+  const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
+  int* block_counts = At<int>(own, kBlockCountsOffset);  // [block][kMaxRanks + 1]
+  uint32_t* block_flags = At<uint32_t>(own, kBlockFlagOffset);
+  int* hist = p.use_hist ? At<int>(smem, p.hist_offset) : nullptr;
+
+  __shared__ int s_count[kMaxRanks + 1];  // this block's tokens per rank, + "layout is stale"
+  __shared__ int64_t s_base[kMaxRanks];   // rows at rank d before this block's first token
+  __shared__ int64_t s_lo[kMaxRanks], s_hi[kMaxRanks];  // rows from rank s here
+  __shared__ int64_t s_valid;
+  uint8_t* s_mask = reinterpret_cast<uint8_t*>(smem);  // [t1 - t0]; the stages come later
+
+  // P0.
+  if (t <= kMaxRanks) s_count[t] = 0;
+  if (hist != nullptr) {
+    for (int e = t; e < El; e += kThreads) hist[e] = 0;
+  }
+  __syncthreads();
+  for (int64_t i = t0 + t; i < t1; i += kThreads) {
+    uint32_t mask = 0;
+    for (int k = 0; k < K; ++k) {
+      const int e = __ldg(a.topk_idx + i * K + k);
+      if (e >= 0 && e < E) mask |= 1u << (e / El);
+    }
+    s_mask[i - t0] = static_cast<uint8_t>(mask);
+    for (int d = 0; d < R; ++d) {
+      const bool hit = (mask >> d) & 1u;
+      if (hit) atomicAdd(&s_count[d], 1);
+      if (a.is_token_in_rank != nullptr && a.is_token_in_rank[i * R + d] != hit) {
+        s_count[kMaxRanks] = 1;
+      }
     }
   }
-  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
-  for (int64_t r = valid_rows + GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
-    WarpZeroRow(recv_x + r * n16, n16, lane);
-    if (lane < num_topk) recv_weights[r * num_topk + lane] = 0.f;
-  }
-}
-
-// combine with one rank: token i's only copy is row send_pos[i]; the float32
-// sum of one value cast back is the value itself, so copy the bits.
-__global__ void __launch_bounds__(kThreads, 1)
-    CombineLocalKernel(const int4* __restrict__ y, const float* __restrict__ weights,
-                       const int32_t* __restrict__ send_pos, int64_t num_tokens,
-                       int64_t num_recv_rows, int64_t n16, int num_topk,
-                       bool has_weights, int4* __restrict__ out,
-                       float* __restrict__ out_weights) {
-  const int lane = LaneId();
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    const int64_t p = __ldg(send_pos + i);
-    const bool sent = p >= 0 && p < num_recv_rows;
-    if (sent) {
-      WarpCopyRow<true>(out + i * n16, y + p * n16, n16, lane);
-    } else {
-      WarpZeroRow(out + i * n16, n16, lane);
-    }
-    if (lane < num_topk) {
-      out_weights[i * num_topk + lane] =
-          (sent && has_weights) ? __ldg(weights + p * num_topk + lane) : 0.f;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Barrier-only kernel (one block).
-// ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kBarrierThreads)
-    BarrierKernel(GroupView g, const int32_t* rank_ptr, int64_t timeout_ns,
-                  OpId op) {
-  const int rank = CheckedRank(g, rank_ptr, op);
-  CrossRankBarrier(ToPeers(g), g.num_ranks, rank, timeout_ns, op, g.fault_record);
-}
-
-// ---------------------------------------------------------------------------
-// Dispatch step 1 (one block): barrier -> write our counts row into every
-// peer's header -> barrier -> send_pos scan + num_recv_tokens.
-// The scan runs in tiles of kScanThreads tokens; the R per-rank prefix sums
-// are packed four 16-bit fields to a 64-bit word so one shuffle scan covers
-// four ranks (a tile holds at most 1024 tokens, so no field overflows).
-// ---------------------------------------------------------------------------
-__device__ __forceinline__ int Field16(uint64_t lo, uint64_t hi, int d) {
-  const uint64_t w = d < 4 ? lo : hi;
-  return static_cast<int>((w >> (16 * (d & 3))) & 0xffff);
-}
-
-__global__ void __launch_bounds__(kScanThreads)
-    DispatchNotifyScanKernel(GroupView g, const int32_t* num_tokens_per_rank,
-                             const bool* __restrict__ in_rank,
-                             const int32_t* rank_ptr, int64_t num_tokens,
-                             int64_t num_recv_rows, int32_t* send_pos,
-                             int32_t* num_recv_tokens, int64_t timeout_ns,
-                             int32_t* expert_counts, int experts_per_rank) {
-  const int R = g.num_ranks;
-  const int rank = CheckedRank(g, rank_ptr, OpId::kDispatch);
-  const PeerBases peers = ToPeers(g);
-  const int t = threadIdx.x;
-  const int lane = LaneId();
-  const int warp = WarpId();
-
-  for (int e = t; e < experts_per_rank; e += blockDim.x) expert_counts[e] = 0;
-  // Nobody may overwrite a header/data region a peer still reads. With one
-  // rank there is no peer: stream order already protects our own header.
-  if (R > 1) CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
-  if (t < R) {
-    int* dst = HeaderInt(PeerAt(peers, t), kCountsOffset) + rank * kMaxRanks;
-    for (int j = 0; j < R; ++j) dst[j] = __ldg(num_tokens_per_rank + j);
-  }
-  if (R > 1) {
-    CrossRankBarrier(peers, R, rank, timeout_ns, OpId::kDispatch, g.fault_record);
-  } else {
-    __syncthreads();  // our own counts row, written above, is read below
-  }
-
-  __shared__ int s_offset[kMaxRanks];  // rows before our block on rank d
-  __shared__ int s_carry[kMaxRanks];   // our tokens to rank d in earlier tiles
-  __shared__ uint64_t s_warp_lo[32], s_warp_hi[32];
-  __shared__ uint64_t s_tile_lo, s_tile_hi;
-  const int* counts = HeaderInt(PeerAt(peers, rank), kCountsOffset);
-  if (t < R) {
-    int off = 0;
-    for (int s = 0; s < rank; ++s) off += LoadVolatile(counts + s * kMaxRanks + t);
-    s_offset[t] = off;
-    s_carry[t] = 0;
-  }
+  __syncthreads();
   if (t == 0) {
-    int total = 0;
-    for (int s = 0; s < R; ++s) total += LoadVolatile(counts + s * kMaxRanks + rank);
-    *num_recv_tokens = total;
+    for (int d = 0; d <= kMaxRanks; ++d) block_counts[b * (kMaxRanks + 1) + d] = s_count[d];
+    StoreReleaseGpuU32(block_flags + b, seq);
+  }
+
+  // P1.
+  if (b == 0 && warp == 0) {
+    Deadline dl(a.timeout_ns);
+    for (int bb = lane; bb < G; bb += 32) {
+      while (LoadAcquireGpuU32(block_flags + bb) != seq) {
+        if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
+      }
+    }
+    __syncwarp();
+    int total = 0, bad = 0;
+    if (lane < R) {
+      for (int bb = 0; bb < G; ++bb) total += block_counts[bb * (kMaxRanks + 1) + lane];
+      if (a.num_tokens_per_rank != nullptr && a.num_tokens_per_rank[lane] != total) bad = 1;
+    }
+    for (int bb = lane; bb < G; bb += 32) bad |= block_counts[bb * (kMaxRanks + 1) + kMaxRanks];
+    if (__any_sync(kFullMask, bad)) {
+      SendHellos(g, par, me, PackHello(seq, kOpAbort, 0), lane);
+      __syncwarp();
+      if (lane == 0) Fail(g, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
+      __syncwarp();
+    }
+    for (int e = lane; e < El; e += 32) a.num_recv_tokens_per_expert[e] = 0;
+    int totals[kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) totals[d] = __shfl_sync(kFullMask, total, d);
+    __syncwarp();
+    if (lane < R) {
+      char* dst = PeerAt(g, lane);
+      int* row_at_dst = At<int>(dst, kCountsOffset) + (par * kMaxRanks + me) * kMaxRanks;
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (d < R) row_at_dst[d] = totals[d];
+      }
+      __threadfence_system();
+      StoreReleaseSysU64(At<uint64_t>(dst, kHelloOffset) + par * kMaxRanks + me, hello);
+    }
+  }
+
+  // P2.
+  if (warp == 0) {
+    if (lane < R) WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
+    __syncwarp();
+    const int* counts = At<int>(own, kCountsOffset) + par * kMaxRanks * kMaxRanks;  // [src][dst]
+    if (lane < R) {
+      int64_t off = 0, pre = 0, lo = 0;
+      for (int s = 0; s < me; ++s) off += counts[s * kMaxRanks + lane];
+      for (int bb = 0; bb < b; ++bb) pre += block_counts[bb * (kMaxRanks + 1) + lane];
+      for (int s = 0; s < lane; ++s) lo += counts[s * kMaxRanks + me];
+      s_base[lane] = off + pre;
+      s_lo[lane] = lo;
+      s_hi[lane] = lo + counts[lane * kMaxRanks + me];
+    }
+    if (lane == 0) {
+      int64_t total = 0;
+      for (int s = 0; s < R; ++s) total += counts[s * kMaxRanks + me];
+      s_valid = total < M ? total : M;
+      if (b == 0) *a.num_recv_tokens = static_cast<int32_t>(total);
+    }
+    __syncwarp();
+    int64_t base[kMaxRanks];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) base[d] = d < R ? s_base[d] : 0;
+    for (int64_t tile = t0; tile < t1; tile += 32) {
+      const int64_t i = tile + lane;
+      const uint32_t mask = i < t1 ? s_mask[i - t0] : 0u;
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (d >= R) continue;
+        const bool hit = (mask >> d) & 1u;
+        const unsigned bal = __ballot_sync(kFullMask, hit);
+        const int64_t pos = base[d] + __popc(bal & ((1u << lane) - 1u));
+        if (i < t1) a.send_pos[i * R + d] = (hit && pos < M) ? static_cast<int32_t>(pos) : -1;
+        base[d] += __popc(bal);
+      }
+    }
   }
   __syncthreads();
 
-  for (int64_t base = 0; base < num_tokens; base += kScanThreads) {
-    const int64_t i = base + t;
-    const bool valid = i < num_tokens;
-    uint64_t lo = 0, hi = 0;
-    if (valid) {
-      for (int d = 0; d < R; ++d) {
-        const uint64_t f = in_rank[i * R + d] ? 1u : 0u;
-        if (d < 4) lo |= f << (16 * d);
-        else hi |= f << (16 * (d - 4));
+  // P3.
+  const int64_t valid = s_valid;
+  const char* x = static_cast<const char*>(a.x);
+  char* recv_x = static_cast<char*>(a.recv_x);
+  const int32_t* send_pos = a.send_pos;
+  const int32_t* topk_idx = a.topk_idx;
+  const float* topk_w = a.topk_weights;
+  auto dest_of = [&](int64_t i, int d) { return send_pos[i * R + d]; };
+  if (warp < kPushWarps) {
+    Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
+    FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
+    auto next = [&](int64_t i) {
+      for (; i < t1; i += kPushWarps) {
+        const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
+        if (__ballot_sync(kFullMask, q >= 0) != 0) break;
       }
-    }
-    uint64_t inc_lo = lo, inc_hi = hi;
+      return i;
+    };
+    auto dests = [&](int64_t i, int (&pos)[kMaxRanks], int64_t* low) {
+      const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint64_t a = __shfl_up_sync(kFullMask, inc_lo, o);
-      const uint64_t b = __shfl_up_sync(kFullMask, inc_hi, o);
-      if (lane >= o) {
-        inc_lo += a;
-        inc_hi += b;
+      for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, q, d);
+      *low = i;
+    };
+    auto src_row = [&](int64_t i) { return x + i * row_bytes; };
+    auto dst_row = [&](int d, int pos) { return PeerAt(g, d) + reg.stage_rows + pos * row_bytes; };
+    auto dst_flag = [&](int d, int pos) { return At<uint64_t>(PeerAt(g, d), reg.flags) + pos; };
+    auto meta = [&](int64_t i, int d, int pos, int l) {
+      if (l < K) {
+        const int e = __ldg(topk_idx + i * K + l);
+        const int local = (e >= 0 && e < E && e / El == d) ? e - d * El : -1;
+        int32_t* m = At<int32_t>(PeerAt(g, d), reg.stage_meta) + static_cast<int64_t>(pos) * 2 * K;
+        m[l] = local;
+        reinterpret_cast<float*>(m)[K + l] =
+            (local >= 0 && topk_w != nullptr) ? __ldg(topk_w + i * K + l) : 0.f;
       }
-    }
-    if (lane == 31) {
-      s_warp_lo[warp] = inc_lo;
-      s_warp_hi[warp] = inc_hi;
-    }
-    __syncthreads();
-    if (warp == 0) {
-      const uint64_t own_lo = s_warp_lo[lane], own_hi = s_warp_hi[lane];
-      uint64_t a_lo = own_lo, a_hi = own_hi;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const uint64_t a = __shfl_up_sync(kFullMask, a_lo, o);
-        const uint64_t b = __shfl_up_sync(kFullMask, a_hi, o);
-        if (lane >= o) {
-          a_lo += a;
-          a_hi += b;
-        }
+    };
+    PushPipeline(t0 + warp, t1, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
+                 ring_flags, p, row_bytes, seq, lane);
+  } else if (warp < kFirstDrainWarp) {
+    const int w = warp - kFirstLocalWarp;
+    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * kCopyStages,
+                         kPushWarps * kPushStages + w * kCopyStages, kCopyStages, lane);
+    auto next = [&](int64_t i) {
+      while (i < t1 && dest_of(i, me) < 0) i += kCopyWarps;
+      return i;
+    };
+    auto ready = [](int64_t) {};
+    auto src_row = [&](int64_t i) { return x + i * row_bytes; };
+    auto dst_row = [&](int64_t i) { return recv_x + static_cast<int64_t>(dest_of(i, me)) * row_bytes; };
+    auto meta = [&](int64_t i, int l) {
+      const int64_t r = dest_of(i, me);
+      if (l < K) {
+        const int e = __ldg(topk_idx + i * K + l);
+        const int local = (e >= 0 && e < E && e / El == me) ? e - me * El : -1;
+        a.recv_topk_idx[r * K + l] = local;
+        a.recv_topk_weights[r * K + l] =
+            (local >= 0 && topk_w != nullptr) ? __ldg(topk_w + i * K + l) : 0.f;
+        if (local >= 0) atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
       }
-      s_warp_lo[lane] = a_lo - own_lo;  // exclusive prefix of warp totals
-      s_warp_hi[lane] = a_hi - own_hi;
-      if (lane == 31) {
-        s_tile_lo = a_lo;
-        s_tile_hi = a_hi;
+      if (l == 0) {
+        a.recv_src_idx[r] = static_cast<int32_t>(i);
+        a.recv_src_rank[r] = me;
       }
-    }
-    __syncthreads();
-    if (valid) {
-      const uint64_t ex_lo = inc_lo - lo + s_warp_lo[warp];
-      const uint64_t ex_hi = inc_hi - hi + s_warp_hi[warp];
-      for (int d = 0; d < R; ++d) {
-        int p = -1;
-        if (Field16(lo, hi, d) != 0) {
-          const int64_t row = static_cast<int64_t>(s_offset[d]) + s_carry[d] +
-                              Field16(ex_lo, ex_hi, d);
-          p = row < num_recv_rows ? static_cast<int>(row) : -1;  // dropped
-        }
-        send_pos[i * R + d] = p;
-      }
-    }
-    __syncthreads();
-    if (t < R) s_carry[t] += Field16(s_tile_lo, s_tile_hi, t);
-    __syncthreads();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Dispatch step 2: warp per token; read x[i] once, write it (plus top-k ids,
-// weights, source index/rank) to row send_pos[i, d] of every destination d.
-// ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    DispatchSendKernel(GroupView g, DispatchLayout lay, const int4* __restrict__ x,
-                       const int32_t* __restrict__ topk_idx,
-                       const float* __restrict__ topk_weights,
-                       const int32_t* send_pos, const int32_t* rank_ptr,
-                       int64_t num_tokens, int64_t num_recv_rows, int64_t n16,
-                       int num_topk) {
-  const int R = g.num_ranks;
-  const int rank = ReadRank(rank_ptr, R);
-  if (rank < 0) return;
-  const PeerBases peers = ToPeers(g);
-  const int lane = LaneId();
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    int pos[kMaxRanks];
-    if (!GatherPositions(send_pos, i, R, num_recv_rows, lane, pos)) continue;
-    WarpScatterRow(peers, lay.recv_x, pos, x + i * n16, n16, lane);
-    int idx = 0;
-    float w = 0.f;
-    if (lane < num_topk) {
-      idx = __ldg(topk_idx + i * num_topk + lane);
-      w = __ldg(topk_weights + i * num_topk + lane);
-    }
+    };
+    CopyPipeline(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p, row_bytes,
+                 lane);
+  } else {
+    const int w = warp - kFirstDrainWarp;
+    ZeroPadding(valid, M, row_bytes, K, recv_x, a.recv_topk_idx, a.recv_topk_weights,
+                a.recv_src_idx, a.recv_src_rank, lane);
+    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages,
+                         kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages, kCopyStages,
+                         lane);
+    int64_t lo[kMaxRanks], hi[kMaxRanks];
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
-      if (pos[d] < 0) continue;
-      char* region = peers.ptr[d] + kDataOffset;
-      const int64_t row = pos[d];
-      if (lane < num_topk) {
-        reinterpret_cast<int32_t*>(region + lay.recv_topk_idx)[row * num_topk + lane] = idx;
-        reinterpret_cast<float*>(region + lay.recv_topk_w)[row * num_topk + lane] = w;
-      }
-      if (lane == 0) {
-        reinterpret_cast<int32_t*>(region + lay.recv_src_idx)[row] = static_cast<int32_t>(i);
-        reinterpret_cast<int32_t*>(region + lay.recv_src_rank)[row] = rank;
-      }
+      lo[d] = d < R ? (s_lo[d] < valid ? s_lo[d] : valid) : 0;
+      hi[d] = d < R ? (s_hi[d] < valid ? s_hi[d] : valid) : 0;
     }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Dispatch step 4 (after a barrier): warp per receive row; copy the row out of
-// our buffer, turn global expert ids into local ones (-1 if the expert is not
-// ours), mask weights, count (row, k) slots per local expert, and pad rows
-// >= min(num_recv_tokens, M) with zeros / -1.
-// ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    DispatchCopyOutKernel(GroupView g, DispatchLayout lay, const int32_t* rank_ptr,
-                          const int32_t* num_recv_tokens, int64_t num_recv_rows,
-                          int64_t n16, int num_topk, int experts_per_rank,
-                          bool use_smem, int4* __restrict__ recv_x,
-                          int32_t* __restrict__ recv_topk_idx,
-                          float* __restrict__ recv_topk_weights,
-                          int32_t* __restrict__ expert_counts,
-                          int32_t* __restrict__ recv_src_idx,
-                          int32_t* __restrict__ recv_src_rank) {
-  extern __shared__ int s_hist[];  // [experts_per_rank] when use_smem
-  const int R = g.num_ranks;
-  const int rank = ReadRank(rank_ptr, R);
-  if (rank < 0) return;
-  const int lane = LaneId();
-  if (use_smem) {
-    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) s_hist[e] = 0;
-    __syncthreads();
-  }
-  const char* region = PeerAt(ToPeers(g), rank) + kDataOffset;
-  const int4* buf_x = reinterpret_cast<const int4*>(region + lay.recv_x);
-  const int32_t* buf_idx = reinterpret_cast<const int32_t*>(region + lay.recv_topk_idx);
-  const float* buf_w = reinterpret_cast<const float*>(region + lay.recv_topk_w);
-  const int32_t* buf_src_idx = reinterpret_cast<const int32_t*>(region + lay.recv_src_idx);
-  const int32_t* buf_src_rank = reinterpret_cast<const int32_t*>(region + lay.recv_src_rank);
-  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
-  const int first_expert = rank * experts_per_rank;
-
-  for (int64_t r = GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
-    const bool valid = r < valid_rows;
-    if (valid) {
-      WarpCopyRow<false>(recv_x + r * n16, buf_x + r * n16, n16, lane);
-    } else {
-      WarpZeroRow(recv_x + r * n16, n16, lane);
-    }
-    if (lane < num_topk) {
-      int out_idx = -1;
-      float out_w = 0.f;
-      if (valid) {
-        const int e = buf_idx[r * num_topk + lane] - first_expert;
-        if (e >= 0 && e < experts_per_rank) {
-          out_idx = e;
-          out_w = buf_w[r * num_topk + lane];
-          atomicAdd(use_smem ? s_hist + e : expert_counts + e, 1);
+    Windows win;
+    win.Set(lo, hi, me);
+    const uint64_t* flags = At<uint64_t>(own, reg.flags);
+    const int32_t* meta_base = At<int32_t>(own, reg.stage_meta);
+    auto next = [](int64_t v) { return v; };
+    int64_t ready_until = 0;
+    auto ready = [&](int64_t v) {
+      if (v < ready_until) return;
+      auto is_ready = [&](int64_t item) {
+        int s;
+        return HelloSeq(LoadAcquireSysU64(flags + win.Row(item, &s))) == seq;
+      };
+      auto timeout = [&] {
+        int s;
+        win.Row(v, &s);
+        Fail(g, kFaultTimeout, kOpDispatch, me, s, kOpNone, seq);
+      };
+      ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
+                                                  a.timeout_ns, lane);
+    };
+    auto src_row = [&](int64_t v) {
+      int s;
+      return own + reg.stage_rows + win.Row(v, &s) * row_bytes;
+    };
+    auto dst_row = [&](int64_t v) {
+      int s;
+      return recv_x + win.Row(v, &s) * row_bytes;
+    };
+    auto meta = [&](int64_t v, int l) {
+      int s;
+      const int64_t r = win.Row(v, &s);
+      const int32_t* m = meta_base + r * 2 * K;
+      if (l < K) {
+        const int local = m[l];
+        a.recv_topk_idx[r * K + l] = local;
+        a.recv_topk_weights[r * K + l] = reinterpret_cast<const float*>(m)[K + l];
+        if (local >= 0 && local < El) {
+          atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
         }
       }
-      recv_topk_idx[r * num_topk + lane] = out_idx;
-      recv_topk_weights[r * num_topk + lane] = out_w;
-    }
-    if (lane == 0) {
-      recv_src_idx[r] = valid ? buf_src_idx[r] : -1;
-      recv_src_rank[r] = valid ? buf_src_rank[r] : -1;
+      if (l == 0) {
+        a.recv_src_idx[r] = static_cast<int32_t>(static_cast<uint32_t>(flags[r]));
+        a.recv_src_rank[r] = s;
+      }
+    };
+    CopyPipeline(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p,
+                 row_bytes, lane);
+  }
+  __syncthreads();
+  if (hist != nullptr) {
+    for (int e = t; e < El; e += kThreads) {
+      if (hist[e] != 0) atomicAdd(a.num_recv_tokens_per_expert + e, hist[e]);
     }
   }
-  if (use_smem) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
-      if (s_hist[e] != 0) atomicAdd(expert_counts + e, s_hist[e]);
-    }
-  }
+  FinishOp(own, seq);
 }
 
 // ---------------------------------------------------------------------------
-// Cached dispatch: same row traffic as dispatch, routed by a saved send_pos.
+// Cached dispatch: the routing comes from the handle (send_pos, receive rows
+// sorted by source rank); only the hello precedes the rows.
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads, 1)
-    CachedSendKernel(GroupView g, DispatchLayout lay, const int4* __restrict__ x,
-                     const float* __restrict__ weights, const int32_t* send_pos,
-                     const int32_t* rank_ptr, int64_t num_tokens,
-                     int64_t num_recv_rows, int64_t n16, int num_topk,
-                     bool has_weights) {
-  const int R = g.num_ranks;
-  if (ReadRank(rank_ptr, R) < 0) return;
-  const PeerBases peers = ToPeers(g);
-  const int lane = LaneId();
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    int pos[kMaxRanks];
-    if (!GatherPositions(send_pos, i, R, num_recv_rows, lane, pos)) continue;
-    WarpScatterRow(peers, lay.recv_x, pos, x + i * n16, n16, lane);
-    if (!has_weights || lane >= num_topk) continue;
-    const float w = __ldg(weights + i * num_topk + lane);
+    CachedDispatchKernel(const CachedDispatchArgs a, const Plan p, const uint32_t shape_hash) {
+  extern __shared__ __align__(128) char smem[];
+  const GroupView& g = a.group;
+  const int me = CheckedRank(g, a.rank, kOpCachedDispatch);
+  const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
+  const int lane = LaneId(), warp = WarpId();
+  char* own = PeerAt(g, me);
+  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  const int par = seq & 1;
+  const uint64_t hello = PackHello(seq, kOpCachedDispatch, shape_hash);
+  const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;
+  const int K = a.num_topk;
+  const IntranodeRegions reg = MakeIntranodeRegions(R, N, M, row_bytes, K);
+  const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
+  const int64_t valid = ValidRows(*a.num_recv_tokens, M);
+  const char* x = static_cast<const char*>(a.x);
+  char* recv_x = static_cast<char*>(a.recv_x);
+  const float* weights = a.weights;
+  // A position outside [0, M) (a foreign handle) sends nothing.
+  auto dest_of = [&](int64_t i, int d) {
+    const int q = __ldg(a.send_pos + i * R + d);
+    return q < M ? q : -1;
+  };
+  if (b == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+
+  if (warp < kPushWarps) {
+    if (lane < R && lane != me) {
+      WaitHello(g, own, par, lane, hello, kOpCachedDispatch, me, seq, a.timeout_ns);
+    }
+    __syncwarp();
+    Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
+    FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
+    auto next = [&](int64_t i) {
+      for (; i < t1; i += kPushWarps) {
+        const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
+        if (__ballot_sync(kFullMask, q >= 0) != 0) break;
+      }
+      return i;
+    };
+    auto dests = [&](int64_t i, int (&pos)[kMaxRanks], int64_t* low) {
+      const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (pos[d] < 0) continue;
-      reinterpret_cast<float*>(peers.ptr[d] + kDataOffset + lay.recv_topk_w)
-          [static_cast<int64_t>(pos[d]) * num_topk + lane] = w;
-    }
+      for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, q, d);
+      *low = i;
+    };
+    auto src_row = [&](int64_t i) { return x + i * row_bytes; };
+    auto dst_row = [&](int d, int pos) { return PeerAt(g, d) + reg.stage_rows + pos * row_bytes; };
+    auto dst_flag = [&](int d, int pos) { return At<uint64_t>(PeerAt(g, d), reg.flags) + pos; };
+    auto meta = [&](int64_t i, int d, int pos, int l) {
+      if (weights != nullptr && l < K) {
+        float* m = At<float>(PeerAt(g, d), reg.stage_meta) + static_cast<int64_t>(pos) * 2 * K;
+        m[K + l] = __ldg(weights + i * K + l);
+      }
+    };
+    PushPipeline(t0 + warp, t1, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
+                 ring_flags, p, row_bytes, seq, lane);
+  } else if (warp < kFirstDrainWarp) {
+    const int w = warp - kFirstLocalWarp;
+    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * kCopyStages,
+                         kPushWarps * kPushStages + w * kCopyStages, kCopyStages, lane);
+    auto next = [&](int64_t i) {
+      while (i < t1 && dest_of(i, me) < 0) i += kCopyWarps;
+      return i;
+    };
+    auto ready = [](int64_t) {};
+    auto src_row = [&](int64_t i) { return x + i * row_bytes; };
+    auto dst_row = [&](int64_t i) { return recv_x + static_cast<int64_t>(dest_of(i, me)) * row_bytes; };
+    auto meta = [&](int64_t i, int l) {
+      if (l < K) {
+        a.recv_weights[static_cast<int64_t>(dest_of(i, me)) * K + l] =
+            weights != nullptr ? __ldg(weights + i * K + l) : 0.f;
+      }
+    };
+    CopyPipeline(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p, row_bytes,
+                 lane);
+  } else {
+    const int w = warp - kFirstDrainWarp;
+    ZeroPadding(valid, M, row_bytes, K, recv_x, nullptr, a.recv_weights, nullptr, nullptr, lane);
+    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages,
+                         kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages, kCopyStages,
+                         lane);
+    int64_t lo[kMaxRanks], hi[kMaxRanks];
+    SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
+    Windows win;
+    win.Set(lo, hi, me);
+    const uint64_t* flags = At<uint64_t>(own, reg.flags);
+    const float* meta_base = At<float>(own, reg.stage_meta);
+    auto next = [](int64_t v) { return v; };
+    int64_t ready_until = 0;
+    auto ready = [&](int64_t v) {
+      if (v < ready_until) return;
+      auto is_ready = [&](int64_t item) {
+        int s;
+        const int64_t r = win.Row(item, &s);
+        const uint64_t f = LoadAcquireSysU64(flags + r);
+        if (HelloSeq(f) != seq) return false;
+        if (static_cast<int32_t>(static_cast<uint32_t>(f)) != __ldg(a.recv_src_idx + r)) {
+          Fail(g, kFaultHandleMismatch, kOpCachedDispatch, me, s, kOpCachedDispatch, seq);
+        }
+        return true;
+      };
+      auto timeout = [&] {
+        int s;
+        win.Row(v, &s);
+        Fail(g, kFaultTimeout, kOpCachedDispatch, me, s, kOpNone, seq);
+      };
+      ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
+                                                  a.timeout_ns, lane);
+    };
+    auto src_row = [&](int64_t v) {
+      int s;
+      return own + reg.stage_rows + win.Row(v, &s) * row_bytes;
+    };
+    auto dst_row = [&](int64_t v) {
+      int s;
+      return recv_x + win.Row(v, &s) * row_bytes;
+    };
+    auto meta = [&](int64_t v, int l) {
+      int s;
+      const int64_t r = win.Row(v, &s);
+      if (l < K) a.recv_weights[r * K + l] = weights != nullptr ? meta_base[r * 2 * K + K + l] : 0.f;
+    };
+    CopyPipeline(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p,
+                 row_bytes, lane);
   }
-}
-
-__global__ void __launch_bounds__(kThreads, 1)
-    CachedCopyOutKernel(GroupView g, DispatchLayout lay, const int32_t* rank_ptr,
-                        const int32_t* num_recv_tokens, int64_t num_recv_rows,
-                        int64_t n16, int num_topk, bool has_weights,
-                        int4* __restrict__ recv_x, float* __restrict__ recv_weights) {
-  const int R = g.num_ranks;
-  const int rank = ReadRank(rank_ptr, R);
-  if (rank < 0) return;
-  const int lane = LaneId();
-  const char* region = PeerAt(ToPeers(g), rank) + kDataOffset;
-  const int4* buf_x = reinterpret_cast<const int4*>(region + lay.recv_x);
-  const float* buf_w = reinterpret_cast<const float*>(region + lay.recv_topk_w);
-  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
-  for (int64_t r = GlobalWarp(); r < num_recv_rows; r += NumWarps()) {
-    const bool valid = r < valid_rows;
-    if (valid) {
-      WarpCopyRow<false>(recv_x + r * n16, buf_x + r * n16, n16, lane);
-    } else {
-      WarpZeroRow(recv_x + r * n16, n16, lane);
-    }
-    if (lane < num_topk) {
-      recv_weights[r * num_topk + lane] =
-          (valid && has_weights) ? buf_w[r * num_topk + lane] : 0.f;
-    }
-  }
+  FinishOp(own, seq);
 }
 
 // ---------------------------------------------------------------------------
-// Combine step 2: warp per valid receive row r; push y[r] (and its weights)
-// into slot (rank, src_idx[r]) of rank src_rank[r].
-// ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    CombinePushKernel(GroupView g, CombineLayout lay, const int4* __restrict__ y,
-                      const float* __restrict__ weights,
-                      const int32_t* __restrict__ recv_src_idx,
-                      const int32_t* __restrict__ recv_src_rank,
-                      const int32_t* num_recv_tokens, const int32_t* rank_ptr,
-                      int64_t num_tokens, int64_t num_recv_rows, int64_t n16,
-                      int num_topk, bool has_weights) {
-  const int R = g.num_ranks;
-  const int rank = ReadRank(rank_ptr, R);
-  if (rank < 0) return;
-  const int lane = LaneId();
-  const int64_t valid_rows = ValidRows(num_recv_tokens, num_recv_rows);
-  for (int64_t r = GlobalWarp(); r < valid_rows; r += NumWarps()) {
-    const int s = __ldg(recv_src_rank + r);
-    const int i = __ldg(recv_src_idx + r);
-    if (s < 0 || s >= R || i < 0 || i >= num_tokens) continue;  // bad handle
-    const int64_t slot = static_cast<int64_t>(rank) * num_tokens + i;
-    char* region = PeerAt(ToPeers(g), s) + kDataOffset;
-    WarpCopyRow<true>(reinterpret_cast<int4*>(region + lay.slots) + slot * n16,
-                      y + r * n16, n16, lane);
-    if (has_weights && lane < num_topk) {
-      reinterpret_cast<float*>(region + lay.weights)[slot * num_topk + lane] =
-          __ldg(weights + r * num_topk + lane);
-    }
-  }
-}
-
-// Element traits for the reduce: unpack a 16-byte vector to floats and back.
-template <typename T>
-struct VecTraits;
-
-template <>
-struct VecTraits<float> {
-  static constexpr int kElems = 4;
-  __device__ __forceinline__ static void Add(const int4& v, float* acc) {
-    acc[0] += __int_as_float(v.x);
-    acc[1] += __int_as_float(v.y);
-    acc[2] += __int_as_float(v.z);
-    acc[3] += __int_as_float(v.w);
-  }
-  __device__ __forceinline__ static int4 Pack(const float* acc) {
-    return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]),
-                     __float_as_int(acc[2]), __float_as_int(acc[3]));
-  }
-};
-
-template <>
-struct VecTraits<__nv_bfloat16> {
-  static constexpr int kElems = 8;
-  __device__ __forceinline__ static void AddWord(uint32_t w, float* acc) {
-    // bf16 -> f32 is exact: the bf16 bits are the top half of the f32.
-    acc[0] += __uint_as_float(w << 16);
-    acc[1] += __uint_as_float(w & 0xffff0000u);
-  }
-  __device__ __forceinline__ static void Add(const int4& v, float* acc) {
-    AddWord(static_cast<uint32_t>(v.x), acc + 0);
-    AddWord(static_cast<uint32_t>(v.y), acc + 2);
-    AddWord(static_cast<uint32_t>(v.z), acc + 4);
-    AddWord(static_cast<uint32_t>(v.w), acc + 6);
-  }
-  __device__ __forceinline__ static int PackWord(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const int*>(&h);
-  }
-  __device__ __forceinline__ static int4 Pack(const float* acc) {
-    return make_int4(PackWord(acc[0], acc[1]), PackWord(acc[2], acc[3]),
-                     PackWord(acc[4], acc[5]), PackWord(acc[6], acc[7]));
-  }
-};
-
-// ---------------------------------------------------------------------------
-// Combine step 4 (after a barrier): warp per token i; sum the slots (d, i) of
-// every d with send_pos[i, d] >= 0 in fp32 and cast to T. Loads for all
-// sources of a chunk are issued before any is consumed.
+// Combine: push warps send each received row back to its token's home rank
+// (slot (our peer index there, token)); reduce warps sum every local token's
+// copies (its own row of y straight from y, the others from our slots) as
+// their flags arrive, in float32.
 // ---------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    CombineReduceKernel(GroupView g, CombineLayout lay, const int32_t* send_pos,
-                        const int32_t* rank_ptr, int64_t num_tokens,
-                        int64_t num_recv_rows, int64_t n16, int num_topk,
-                        bool has_weights, int4* __restrict__ out,
-                        float* __restrict__ out_weights) {
+    CombineKernel(const CombineArgs a, const Plan p, const uint32_t shape_hash) {
   using Traits = VecTraits<T>;
-  const int R = g.num_ranks;
-  const int rank = ReadRank(rank_ptr, R);
-  if (rank < 0) return;
-  const int lane = LaneId();
-  const char* region = PeerAt(ToPeers(g), rank) + kDataOffset;
-  const int4* slots = reinterpret_cast<const int4*>(region + lay.slots);
-  const float* slot_w = reinterpret_cast<const float*>(region + lay.weights);
-  for (int64_t i = GlobalWarp(); i < num_tokens; i += NumWarps()) {
-    int pos[kMaxRanks];
-    GatherPositions(send_pos, i, R, num_recv_rows, lane, pos);
-    for (int64_t c = lane; c < n16; c += 32 * kReduceUnroll) {
-      int4 v[kMaxRanks][kReduceUnroll];
+  extern __shared__ __align__(128) char smem[];
+  const GroupView& g = a.group;
+  const int me = CheckedRank(g, a.rank, kOpCombine);
+  const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
+  const int lane = LaneId(), warp = WarpId();
+  char* own = PeerAt(g, me);
+  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  const int par = seq & 1;
+  const uint64_t hello = PackHello(seq, kOpCombine, shape_hash);
+  const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;
+  const int K = a.num_topk;
+  const IntranodeRegions reg = MakeIntranodeRegions(R, N, M, row_bytes, K);
+  const int64_t valid = ValidRows(*a.num_recv_tokens, M);
+  const char* y = static_cast<const char*>(a.y);
+  const float* weights = a.weights;
+  if (b == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+
+  if (warp < kPushWarps) {
+    if (lane < R && lane != me) {
+      WaitHello(g, own, par, lane, hello, kOpCombine, me, seq, a.timeout_ns);
+    }
+    __syncwarp();
+    Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
+    FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
+    int64_t lo[kMaxRanks], hi[kMaxRanks];
+    SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
+    Windows win;
+    win.Set(lo, hi, me);
+    // Item v is receive row win.Row(v); it goes to its source rank, unless the
+    // handle is foreign (then it is skipped rather than written out of bounds).
+    auto target = [&](int64_t v, int64_t* token) {
+      int s;
+      const int64_t j = win.Row(v, &s);
+      const int src = __ldg(a.recv_src_rank + j);
+      const int64_t i = __ldg(a.recv_src_idx + j);
+      *token = i;
+      return (src == s && src != me && i >= 0 && i < N) ? src : -1;
+    };
+    auto next = [&](int64_t v) {
+      int64_t i;
+      while (v < win.total && target(v, &i) < 0) v += kPushWarps;
+      return v;
+    };
+    auto dests = [&](int64_t v, int (&pos)[kMaxRanks], int64_t* low) {
+      int64_t i;
+      const int s = target(v, &i);
 #pragma unroll
       for (int d = 0; d < kMaxRanks; ++d) {
-        const int4* src = slots + (static_cast<int64_t>(d) * num_tokens + i) * n16;
+        pos[d] = d == s ? static_cast<int>(PeerIndex(me, s) * N + i) : -1;
+      }
+      *low = i;
+    };
+    auto src_row = [&](int64_t v) {
+      int s;
+      return y + win.Row(v, &s) * row_bytes;
+    };
+    auto dst_row = [&](int d, int pos) {
+      return PeerAt(g, d) + reg.slots + static_cast<int64_t>(pos) * row_bytes;
+    };
+    auto dst_flag = [&](int d, int pos) { return At<uint64_t>(PeerAt(g, d), reg.flags) + pos; };
+    auto meta = [&](int64_t v, int d, int pos, int l) {
+      if (weights != nullptr && l < K) {
+        int s;
+        const int64_t j = win.Row(v, &s);
+        At<float>(PeerAt(g, d), reg.slot_weights)[static_cast<int64_t>(pos) * K + l] =
+            __ldg(weights + j * K + l);
+      }
+    };
+    PushPipeline(warp, win.total, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
+                 ring_flags, p, row_bytes, seq, lane);
+  } else {
+    const int w = warp - kPushWarps;
+    // Two slots of R stages each: a token's sources load while the previous
+    // token is summed.
+    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * 2 * R,
+                         kPushWarps * kPushStages + w * 2, 2, lane);
+    const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
+    const int64_t first = t0 + w;
+    const int64_t num_tokens = first < t1 ? (t1 - first + kReduceWarps - 1) / kReduceWarps : 0;
+    const int64_t count = num_tokens * p.num_chunks;
+    const uint64_t* flags = At<uint64_t>(own, reg.flags);
+    const char* slots = own + reg.slots;
+    const float* slot_w = At<float>(own, reg.slot_weights);
+    char* out = static_cast<char*>(a.combined_x);
+    // Rows of token i per rank (-1: none), every lane.
+    auto sources = [&](int64_t i, int (&pos)[kMaxRanks]) {
+      int q = lane < R ? __ldg(a.send_pos + i * R + lane) : -1;
+      if (q >= M) q = -1;
 #pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-          const int64_t j = c + u * 32;
-          v[d][u] = (pos[d] >= 0 && j < n16) ? Load16(src + j) : make_int4(0, 0, 0, 0);
+      for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, q, d);
+    };
+    uint32_t mask0 = 0u, mask1 = 0u;  // sources of the token in slot 0 / 1
+    // Token m of this warp (i = first + m * kReduceWarps) can be summed once
+    // every peer's copy of it has arrived.
+    int64_t ready_until = 0;
+    auto token_ready = [&](int64_t m) {
+      const int64_t i = first + m * kReduceWarps;
+      for (int d = 0; d < R; ++d) {
+        if (d == me) continue;
+        const int q = __ldg(a.send_pos + i * R + d);
+        if (q < 0 || q >= M) continue;
+        const uint64_t f = LoadAcquireSysU64(flags + PeerIndex(d, me) * N + i);
+        if (HelloSeq(f) != seq) return false;
+        if (static_cast<uint32_t>(f) != static_cast<uint32_t>(i)) {
+          Fail(g, kFaultHandleMismatch, kOpCombine, me, d, kOpCombine, seq);
         }
       }
+      return true;
+    };
+    auto wait_token = [&](int64_t m) {
+      if (m < ready_until) return;
+      auto timeout = [&] {
+        const int64_t i = first + m * kReduceWarps;
+        int late = me;
+        for (int d = 0; d < R; ++d) {
+          const int q = __ldg(a.send_pos + i * R + d);
+          if (d != me && q >= 0 && q < M &&
+              HelloSeq(LoadAcquireSysU64(flags + PeerIndex(d, me) * N + i)) != seq) {
+            late = d;
+          }
+        }
+        Fail(g, kFaultTimeout, kOpCombine, me, late, kOpNone, seq);
+      };
+      ready_until = m + WaitReadyRun(m, num_tokens, 1, token_ready, timeout, a.timeout_ns, lane);
+    };
+    auto issue = [&](int64_t n) {
+      const int slot = static_cast<int>(n & 1);
+      const int64_t i = first + (n / p.num_chunks) * kReduceWarps;
+      const int c = static_cast<int>(n % p.num_chunks);
+      if (c == 0) wait_token(n / p.num_chunks);
+      int pos[kMaxRanks];
+      sources(i, pos);
+      uint32_t mask = 0;
 #pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int64_t j = c + u * 32;
-        if (j >= n16) continue;
+      for (int d = 0; d < kMaxRanks; ++d) mask |= (pos[d] >= 0 ? 1u : 0u) << d;
+      if (slot == 0) mask0 = mask; else mask1 = mask;
+      __syncwarp();  // every lane is done reading this slot's previous token
+      if (lane == 0 && mask != 0) {
+        FenceProxyAsyncShared();
+        const uint32_t bytes = ChunkBytes(p, row_bytes, c);
+        MbarArriveExpectTx(ring.bar0 + slot, bytes * __popc(mask));
+        int k = 0;
+#pragma unroll
+        for (int d = 0; d < kMaxRanks; ++d) {
+          if (pos[d] < 0) continue;
+          const char* src;
+          if (d == me) {
+            src = y + pos[d] * row_bytes;
+          } else {
+            src = slots + (PeerIndex(d, me) * N + i) * row_bytes;
+          }
+          BulkLoad(ring.Stage(slot * R + k), src + c * p.chunk_bytes, bytes, ring.bar0 + slot);
+          ++k;
+        }
+      }
+      __syncwarp();
+    };
+    auto reduce = [&](int64_t n) {
+      const int slot = static_cast<int>(n & 1);
+      const int64_t i = first + (n / p.num_chunks) * kReduceWarps;
+      const int c = static_cast<int>(n % p.num_chunks);
+      const uint32_t mask = slot == 0 ? mask0 : mask1;
+      const int nsrc = __popc(mask);
+      const int64_t n16 = ChunkBytes(p, row_bytes, c) / 16;
+      int4* dst = reinterpret_cast<int4*>(out + i * row_bytes + c * p.chunk_bytes);
+      if (nsrc > 0) RingWait(ring, slot);
+      for (int64_t v = lane; v < n16; v += 32) {
         float acc[Traits::kElems];
 #pragma unroll
         for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
-#pragma unroll
-        for (int d = 0; d < kMaxRanks; ++d) {
-          if (pos[d] >= 0) Traits::Add(v[d][u], acc);
-        }
-        Store16(out + i * n16 + j, Traits::Pack(acc));
+        for (int k = 0; k < nsrc; ++k) Traits::Add(LoadShared16(ring.Stage(slot * R + k) + v * 16), acc);
+        Store16(dst + v, Traits::Pack(acc));
       }
-    }
-    if (lane < num_topk) {
-      float w = 0.f;
-      if (has_weights) {
+      if (c == 0 && lane < K) {
+        float w = 0.f;
+        if (weights != nullptr) {  // lane k sums weight k of every copy
 #pragma unroll
-        for (int d = 0; d < kMaxRanks; ++d) {
-          if (pos[d] >= 0) {
-            w += slot_w[(static_cast<int64_t>(d) * num_tokens + i) * num_topk + lane];
+          for (int d = 0; d < kMaxRanks; ++d) {
+            if (!((mask >> d) & 1u)) continue;
+            if (d == me) {
+              const int q = __ldg(a.send_pos + i * R + d);
+              w += __ldg(weights + static_cast<int64_t>(q) * K + lane);
+            } else {
+              w += slot_w[(PeerIndex(d, me) * N + i) * K + lane];
+            }
           }
         }
+        a.combined_weights[i * K + lane] = w;
       }
-      out_weights[i * num_topk + lane] = w;
+    };
+    if (count > 0) issue(0);
+    for (int64_t n = 0; n < count; ++n) {
+      if (n + 1 < count) issue(n + 1);
+      reduce(n);
     }
   }
+  FinishOp(own, seq);
 }
 
-int GridFor(int num_sms) { return std::max(1, num_sms); }
-
-// Blocks for kernels that only touch local memory and never wait on a peer:
-// one per SM of the current device, so they can use the whole HBM bandwidth
-// (the num_sms bound exists for kernels that talk to peers).
-int LocalGrid() {
-  static int cached[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  if (cached[dev] == 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        sms < 1) {
-      (void)cudaGetLastError();
-      return 132;
+// The kernels' shared-memory plan for a row size; the grid is num_sms blocks,
+// fewer when several ranks share the GPU (every block must be resident at
+// once, since blocks wait for each other and for peers).
+// Flag batching, overridable for tuning with JAX_EP_FLAG_BATCH="batch,keep".
+void FlagBatching(int* batch, int* keep) {
+  static int b = 8, k = 4;
+  static const bool parsed = [] {
+    if (const char* v = std::getenv("JAX_EP_FLAG_BATCH")) {
+      int vb = 0, vk = 0;
+      if (std::sscanf(v, "%d,%d", &vb, &vk) == 2 && vb >= 1 && (vk == 0 || vk == 1 || vk == 2 ||
+                                                                  vk == 4) &&
+          vb + vk <= kFlagRing) {
+        b = vb;
+        k = vk;
+      }
     }
-    cached[dev] = sms;
-  }
-  return cached[dev];
+    return true;
+  }();
+  (void)parsed;
+  *batch = b;
+  *keep = k;
 }
 
-// Blocks for kernels that write peers: bounded by num_sms, except with one
-// rank, where the "peer" is this GPU and nothing can wait on us.
-int PeerGrid(int num_sms, int num_ranks) {
-  return num_ranks == 1 ? LocalGrid() : GridFor(num_sms);
+Plan MakePlan(int64_t row_bytes, int num_stages, int num_bars, bool use_hist, int num_sms,
+              int ranks_on_device) {
+  Plan p{};
+  FlagBatching(&p.flag_batch, &p.flag_keep);
+  const int per_rank = std::max(1, DeviceSmCount() / std::max(1, ranks_on_device));
+  p.grid = std::max(1, std::min({num_sms, kMaxBlocks, per_rank}));
+  p.use_hist = use_hist;
+  const int64_t bars = AlignUp(8LL * num_bars);
+  const int64_t flags = AlignUp(static_cast<int64_t>(sizeof(FlagEntry)) * kPushWarps * kFlagRing);
+  const int64_t hist = use_hist ? AlignUp(4LL * kHistBins) : 0;
+  const int64_t avail = kSmemBudget - bars - flags - hist;
+  p.stage_bytes = std::min(AlignUp(row_bytes), avail / num_stages / kSubArrayAlign * kSubArrayAlign);
+  p.chunk_bytes = std::min(row_bytes, p.stage_bytes);
+  p.num_chunks = static_cast<int>((row_bytes + p.chunk_bytes - 1) / p.chunk_bytes);
+  p.bars_offset = p.stage_bytes * num_stages;
+  p.flag_ring_offset = p.bars_offset + bars;
+  p.hist_offset = p.flag_ring_offset + flags;
+  p.smem_bytes = p.hist_offset + hist;
+  return p;
+}
+
+// 28-bit digest of an op's shapes, carried by its hello: ranks that run the
+// same op on different shapes stop instead of exchanging wrong rows.
+uint32_t ShapeHash(std::initializer_list<int64_t> dims) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t d : dims) {
+    h ^= static_cast<uint64_t>(d);
+    h *= 1099511628211ull;
+  }
+  return static_cast<uint32_t>(h ^ (h >> 32)) & 0x0fffffffu;
+}
+
+template <typename Kernel, typename Args>
+cudaError_t LaunchPlanned(Kernel kernel, const Args& a, const Plan& p, uint32_t hash,
+                          cudaStream_t stream) {
+  kernel<<<p.grid, kThreads, static_cast<size_t>(p.smem_bytes), stream>>>(a, p, hash);
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
 }
 
 }  // namespace
 
-// ---------------------------------------------------------------------------
-// Host launchers.
-// ---------------------------------------------------------------------------
-cudaError_t PreloadLayoutKernels();  // layout.cu
-
-cudaError_t PreloadKernels() {
-  cudaFuncAttributes attr;
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, BarrierKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchNotifyScanKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchSendKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchCopyOutKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedSendKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedCopyOutKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombinePushKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchLocalKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CachedLocalKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineLocalKernel));
+cudaError_t Preload() {
+  // Every intranode kernel may take the whole shared-memory budget.
+  const int smem = static_cast<int>(kSmemBudget);
   JAX_EP_CUDA_RETURN_IF_ERROR(
-      cudaFuncGetAttributes(&attr, CombineReduceKernel<__nv_bfloat16>));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineReduceKernel<float>));
-  return PreloadLayoutKernels();
+      cudaFuncSetAttribute(DispatchKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CachedDispatchKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CombineKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  return cudaFuncSetAttribute(CombineKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              smem);
 }
 
-cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
-  const GroupView& g = a.group;
-  const int experts_per_rank = a.num_experts / g.num_ranks;
-  const DispatchLayout lay =
-      MakeDispatchLayout(a.num_recv_rows, a.row_bytes / a.elt_bytes, a.num_topk,
-                         a.elt_bytes);
-  const int64_t n16 = a.row_bytes / 16;
-  const int grid = PeerGrid(a.num_sms, g.num_ranks);
-  const int local_grid = LocalGrid();
-
-  // The scan kernel also zeroes the per-expert counts that the copy kernel
-  // then accumulates with atomics (one launch fewer than a memset).
-  DispatchNotifyScanKernel<<<1, kScanThreads, 0, stream>>>(
-      g, a.num_tokens_per_rank, a.is_token_in_rank, a.rank, a.num_tokens,
-      a.num_recv_rows, a.send_pos, a.num_recv_tokens, a.timeout_ns,
-      a.num_recv_tokens_per_expert, experts_per_rank);
-  JAX_EP_LAUNCH_CHECK();
-
-  const int64_t smem = sizeof(int) * static_cast<int64_t>(experts_per_rank);
-  const bool use_smem = smem <= kMaxSmemBytes;
-  if (g.num_ranks == 1) {
-    DispatchLocalKernel<<<local_grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
-                          stream>>>(
-        static_cast<const int4*>(a.x), a.topk_idx, a.topk_weights, a.send_pos,
-        a.num_recv_tokens, a.num_tokens, a.num_recv_rows, n16, a.num_topk,
-        experts_per_rank, use_smem, static_cast<int4*>(a.recv_x), a.recv_topk_idx,
-        a.recv_topk_weights, a.num_recv_tokens_per_expert, a.recv_src_idx,
-        a.recv_src_rank);
-    JAX_EP_LAUNCH_CHECK();
-    return cudaSuccess;
+cudaError_t Dispatch(const DispatchArgs& a, cudaStream_t stream) {
+  const int El = a.num_experts / a.group.num_ranks;
+  Plan p = MakePlan(a.row_bytes, kDispatchStages, kDispatchBars, El <= kHistBins, a.num_sms,
+                    a.group.ranks_on_device);
+  // P0 keeps one byte per token of a block in the (not yet used) stages.
+  if ((a.num_tokens + p.grid - 1) / p.grid > p.stage_bytes * kDispatchStages) {
+    return cudaErrorInvalidValue;
   }
-
-  DispatchSendKernel<<<grid, kThreads, 0, stream>>>(
-      g, lay, static_cast<const int4*>(a.x), a.topk_idx, a.topk_weights,
-      a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16, a.num_topk);
-  JAX_EP_LAUNCH_CHECK();
-
-  BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
-                                                   OpId::kDispatch);
-  JAX_EP_LAUNCH_CHECK();
-
-  DispatchCopyOutKernel<<<local_grid, kThreads, use_smem ? static_cast<size_t>(smem) : 0,
-                          stream>>>(
-      g, lay, a.rank, a.num_recv_tokens, a.num_recv_rows, n16, a.num_topk,
-      experts_per_rank, use_smem, static_cast<int4*>(a.recv_x), a.recv_topk_idx,
-      a.recv_topk_weights, a.num_recv_tokens_per_expert, a.recv_src_idx,
-      a.recv_src_rank);
-  JAX_EP_LAUNCH_CHECK();
-  return cudaSuccess;
+  const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
+                                   a.num_experts, a.topk_weights != nullptr});
+  return LaunchPlanned(DispatchKernel, a, p, hash, stream);
 }
 
-cudaError_t LaunchCachedDispatch(const CachedDispatchArgs& a, cudaStream_t stream) {
-  const GroupView& g = a.group;
-  const DispatchLayout lay =
-      MakeDispatchLayout(a.num_recv_rows, a.row_bytes / a.elt_bytes, a.num_topk,
-                         a.elt_bytes);
-  const int64_t n16 = a.row_bytes / 16;
-  const int grid = PeerGrid(a.num_sms, g.num_ranks);
-  const int local_grid = LocalGrid();
-
-  if (g.num_ranks == 1) {
-    CachedLocalKernel<<<local_grid, kThreads, 0, stream>>>(
-        static_cast<const int4*>(a.x), a.weights, a.send_pos, a.num_recv_tokens,
-        a.num_tokens, a.num_recv_rows, n16, a.num_topk, a.has_weights,
-        static_cast<int4*>(a.recv_x), a.recv_weights);
-    JAX_EP_LAUNCH_CHECK();
-    return cudaSuccess;
-  }
-  BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
-                                                   OpId::kCachedDispatch);
-  JAX_EP_LAUNCH_CHECK();
-  CachedSendKernel<<<grid, kThreads, 0, stream>>>(
-      g, lay, static_cast<const int4*>(a.x), a.weights, a.send_pos, a.rank,
-      a.num_tokens, a.num_recv_rows, n16, a.num_topk, a.has_weights);
-  JAX_EP_LAUNCH_CHECK();
-  BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
-                                                   OpId::kCachedDispatch);
-  JAX_EP_LAUNCH_CHECK();
-  CachedCopyOutKernel<<<local_grid, kThreads, 0, stream>>>(
-      g, lay, a.rank, a.num_recv_tokens, a.num_recv_rows, n16, a.num_topk,
-      a.has_weights, static_cast<int4*>(a.recv_x), a.recv_weights);
-  JAX_EP_LAUNCH_CHECK();
-  return cudaSuccess;
+cudaError_t CachedDispatch(const CachedDispatchArgs& a, cudaStream_t stream) {
+  const Plan p = MakePlan(a.row_bytes, kDispatchStages, kDispatchBars, false, a.num_sms,
+                          a.group.ranks_on_device);
+  const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
+                                   a.weights != nullptr});
+  return LaunchPlanned(CachedDispatchKernel, a, p, hash, stream);
 }
 
-cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
-  const GroupView& g = a.group;
-  const CombineLayout lay =
-      MakeCombineLayout(g.num_ranks, a.num_tokens, a.row_bytes / a.elt_bytes,
-                        a.num_topk, a.elt_bytes);
-  const int64_t n16 = a.row_bytes / 16;
-  const int grid = PeerGrid(a.num_sms, g.num_ranks);
-  const int local_grid = LocalGrid();
-
-  if (g.num_ranks == 1) {
-    CombineLocalKernel<<<local_grid, kThreads, 0, stream>>>(
-        static_cast<const int4*>(a.y), a.weights, a.send_pos, a.num_tokens,
-        a.num_recv_rows, n16, a.num_topk, a.has_weights,
-        static_cast<int4*>(a.combined_x), a.combined_weights);
-    JAX_EP_LAUNCH_CHECK();
-    return cudaSuccess;
+cudaError_t Combine(const CombineArgs& a, cudaStream_t stream) {
+  const int stages = kPushWarps * kPushStages + kReduceWarps * 2 * a.group.num_ranks;
+  const Plan p = MakePlan(a.row_bytes, stages, kCombineBars, false, a.num_sms,
+                          a.group.ranks_on_device);
+  const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
+                                   a.weights != nullptr, static_cast<int64_t>(a.row_type)});
+  if (a.row_type == RowType::kBF16) {
+    return LaunchPlanned(CombineKernel<__nv_bfloat16>, a, p, hash, stream);
   }
-  BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
-                                                   OpId::kCombine);
-  JAX_EP_LAUNCH_CHECK();
-  CombinePushKernel<<<grid, kThreads, 0, stream>>>(
-      g, lay, static_cast<const int4*>(a.y), a.weights, a.recv_src_idx,
-      a.recv_src_rank, a.num_recv_tokens, a.rank, a.num_tokens, a.num_recv_rows,
-      n16, a.num_topk, a.has_weights);
-  JAX_EP_LAUNCH_CHECK();
-  BarrierKernel<<<1, kBarrierThreads, 0, stream>>>(g, a.rank, a.timeout_ns,
-                                                   OpId::kCombine);
-  JAX_EP_LAUNCH_CHECK();
-  if (a.dtype == CombineDtype::kBF16) {
-    CombineReduceKernel<__nv_bfloat16><<<local_grid, kThreads, 0, stream>>>(
-        g, lay, a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16,
-        a.num_topk, a.has_weights, static_cast<int4*>(a.combined_x),
-        a.combined_weights);
-  } else {
-    CombineReduceKernel<float><<<local_grid, kThreads, 0, stream>>>(
-        g, lay, a.send_pos, a.rank, a.num_tokens, a.num_recv_rows, n16,
-        a.num_topk, a.has_weights, static_cast<int4*>(a.combined_x),
-        a.combined_weights);
-  }
-  JAX_EP_LAUNCH_CHECK();
-  return cudaSuccess;
+  return LaunchPlanned(CombineKernel<float>, a, p, hash, stream);
 }
 
+}  // namespace intranode
 }  // namespace jax_ep

@@ -1,35 +1,69 @@
-// jax_ep_layout: per-rank / per-expert counts and the token->rank mask.
-// Idea from DeepEP's layout.cu: per-block shared-memory histograms, flushed
-// to global memory with one atomic per bin. Here one thread owns one (token,
-// slot) pair for the expert histogram and one (token, rank) pair for the mask
-// and rank histogram, so the bool output is written coalesced.
+// jax_ep_layout: per-rank / per-expert counts and the token->rank mask, in
+// one launch. Idea from DeepEP's layout.cu: per-block shared-memory histograms
+// flushed to global memory with one atomic per bin. Here one thread owns one
+// (token, slot) pair for the expert histogram and one (token, rank) pair for
+// the mask and rank histogram, so the bool output is written coalesced.
+//
+// The counters must start at zero, but a separate memset would cost a launch
+// (most of the op's time at small batches): block 0 zeroes them and publishes
+// the call's sequence number in the rank's buffer header; the other blocks
+// count into shared memory meanwhile and wait for it before adding.
 #include <algorithm>
 
 #include "common.cuh"
 #include "kernels.h"
 
 namespace jax_ep {
+namespace layout {
 namespace {
 
-constexpr int kLayoutThreads = 256;
-constexpr int kLayoutMaxBlocks = 264;
-constexpr int64_t kMaxSmemBytes = 48 * 1024;
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 264;
+constexpr int64_t kMaxHistSmemBytes = 48 * 1024;
 
-// Shared-memory histogram when it fits, else straight global atomics.
-__global__ void __launch_bounds__(kLayoutThreads)
-    LayoutKernel(const int32_t* __restrict__ topk_idx, int64_t num_tokens,
-                 int num_topk, int num_experts, int num_ranks,
-                 int32_t* __restrict__ tokens_per_rank,
-                 int32_t* __restrict__ tokens_per_expert,
-                 bool* __restrict__ in_rank, bool use_smem) {
+__device__ __forceinline__ uint32_t LoadAcquireGpuU32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreReleaseGpuU32(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__global__ void __launch_bounds__(kThreads)
+    LayoutKernel(const int32_t* __restrict__ topk_idx, int64_t num_tokens, int num_topk,
+                 int num_experts, int num_ranks, int32_t* __restrict__ tokens_per_rank,
+                 int32_t* __restrict__ tokens_per_expert, bool* __restrict__ in_rank,
+                 char* header, bool use_smem) {
   extern __shared__ int s_hist[];  // [num_experts] then [num_ranks]
   int* s_expert = s_hist;
   int* s_rank = s_hist + num_experts;
-  if (use_smem) {
-    for (int j = threadIdx.x; j < num_experts + num_ranks; j += blockDim.x) {
-      s_hist[j] = 0;
+  uint32_t* seq_ptr = At<uint32_t>(header, kLayoutSeqOffset);
+  uint32_t* zeroed = At<uint32_t>(header, kLayoutZeroedOffset);
+  const uint32_t seq = *reinterpret_cast<volatile uint32_t*>(seq_ptr) + 1;
+
+  if (blockIdx.x == 0) {
+    for (int j = threadIdx.x; j < num_experts; j += blockDim.x) tokens_per_expert[j] = 0;
+    for (int j = threadIdx.x; j < num_ranks; j += blockDim.x) tokens_per_rank[j] = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      StoreReleaseGpuU32(zeroed, seq);
+    }
+  }
+  auto wait_zeroed = [&] {
+    if (threadIdx.x == 0) {
+      while (LoadAcquireGpuU32(zeroed) != seq) {
+      }
     }
     __syncthreads();
+  };
+  if (use_smem) {
+    for (int j = threadIdx.x; j < num_experts + num_ranks; j += blockDim.x) s_hist[j] = 0;
+    __syncthreads();
+  } else {
+    wait_zeroed();
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -39,9 +73,7 @@ __global__ void __launch_bounds__(kLayoutThreads)
   const int64_t num_slots = num_tokens * num_topk;
   for (int64_t s = tid; s < num_slots; s += stride) {
     const int e = __ldg(topk_idx + s);
-    if (e >= 0 && e < num_experts) {
-      atomicAdd(use_smem ? s_expert + e : tokens_per_expert + e, 1);
-    }
+    if (e >= 0 && e < num_experts) atomicAdd(use_smem ? s_expert + e : tokens_per_expert + e, 1);
   }
   // Token->rank mask and rank histogram over (token, rank) pairs.
   const int64_t num_pairs = num_tokens * num_ranks;
@@ -60,6 +92,7 @@ __global__ void __launch_bounds__(kLayoutThreads)
   }
   if (use_smem) {
     __syncthreads();
+    wait_zeroed();
     for (int j = threadIdx.x; j < num_experts; j += blockDim.x) {
       if (s_expert[j] != 0) atomicAdd(tokens_per_expert + j, s_expert[j]);
     }
@@ -67,37 +100,36 @@ __global__ void __launch_bounds__(kLayoutThreads)
       if (s_rank[j] != 0) atomicAdd(tokens_per_rank + j, s_rank[j]);
     }
   }
+  // The last block to finish advances the sequence number for the next call.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t* ticket = At<uint32_t>(header, kLayoutTicketOffset);
+    if (atomicAdd(ticket, 1u) == gridDim.x - 1) {
+      *ticket = 0;
+      *seq_ptr = seq;
+    }
+  }
 }
 
 }  // namespace
 
-cudaError_t PreloadLayoutKernels() {
+cudaError_t Preload() {
   cudaFuncAttributes attr;
   return cudaFuncGetAttributes(&attr, LayoutKernel);
 }
 
-cudaError_t LaunchLayout(const int32_t* topk_idx, int64_t num_tokens,
-                         int num_topk, int num_experts, int num_ranks,
-                         int32_t* num_tokens_per_rank,
-                         int32_t* num_tokens_per_expert, bool* is_token_in_rank,
-                         cudaStream_t stream) {
-  // Counters accumulate with atomics, so they start from zero.
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-      num_tokens_per_rank, 0, sizeof(int32_t) * num_ranks, stream));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-      num_tokens_per_expert, 0, sizeof(int32_t) * num_experts, stream));
-  const int64_t work = num_tokens * std::max(num_topk, num_ranks);
-  if (work == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(
-      kLayoutMaxBlocks, (work + kLayoutThreads - 1) / kLayoutThreads);
-  const int64_t smem = sizeof(int) * (static_cast<int64_t>(num_experts) + num_ranks);
-  const bool use_smem = smem <= kMaxSmemBytes;
-  LayoutKernel<<<static_cast<int>(blocks), kLayoutThreads,
-                 use_smem ? static_cast<size_t>(smem) : 0, stream>>>(
-      topk_idx, num_tokens, num_topk, num_experts, num_ranks,
-      num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, use_smem);
+cudaError_t Launch(const Args& a, cudaStream_t stream) {
+  const int64_t work = std::max<int64_t>(1, a.num_tokens * std::max(a.num_topk, a.num_ranks));
+  const int64_t blocks = std::min<int64_t>(kMaxBlocks, (work + kThreads - 1) / kThreads);
+  const int64_t smem = sizeof(int) * (static_cast<int64_t>(a.num_experts) + a.num_ranks);
+  const bool use_smem = smem <= kMaxHistSmemBytes;
+  LayoutKernel<<<static_cast<int>(blocks), kThreads, use_smem ? static_cast<size_t>(smem) : 0,
+                 stream>>>(a.topk_idx, a.num_tokens, a.num_topk, a.num_experts, a.num_ranks,
+                           a.num_tokens_per_rank, a.num_tokens_per_expert, a.is_token_in_rank,
+                           a.own_buffer, use_smem);
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
 }
 
+}  // namespace layout
 }  // namespace jax_ep

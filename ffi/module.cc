@@ -51,6 +51,10 @@ NB_MODULE(_C, m) {
         nb::arg("num_tokens"), nb::arg("num_worst_tokens"), nb::arg("hidden"),
         nb::arg("num_topk"), nb::arg("elt_bytes"),
         "Bytes of communication buffer one GPU needs (ffi/buffer_layout.h).");
+  // Limits, from their one home (ffi/buffer_layout.h).
+  m.attr("MAX_RANKS") = jax_ep::kMaxRanks;
+  m.attr("MAX_TOPK") = jax_ep::kMaxTopK;
+  m.attr("MAX_SMS") = jax_ep::kMaxBlocks;
 #ifdef JAX_EP_WITH_CUDA
   jax_ep::BindCuda(m);
 #endif

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <utility>
@@ -44,25 +45,52 @@ class ScopedDevice {
 struct Registered {
   GroupEntry entry;
   int device = -1;
-  std::vector<void*> ipc_opened;  // to cudaIpcCloseMemHandle on unregister
+  int alive_slot = -1;
+  std::vector<void*> ipc_opened;  // closed when the last holder lets go
+  ~Registered();
 };
 
 std::mutex& RegistryMutex() {
   static std::mutex m;
   return m;
 }
-std::map<std::pair<int64_t, int>, Registered>& Registry() {
-  static auto* r = new std::map<std::pair<int64_t, int>, Registered>();
+// Entries are shared: a handler holds one while it launches, so unregistering
+// never closes mappings under it.
+std::map<std::pair<int64_t, int>, std::shared_ptr<Registered>>& Registry() {
+  static auto* r = new std::map<std::pair<int64_t, int>, std::shared_ptr<Registered>>();
   return *r;  // leaked on purpose: no teardown-order issues at exit
 }
 
-void CloseMappings(const Registered& reg) {
-  if (reg.ipc_opened.empty()) return;
+void CloseMappings(int device, const std::vector<void*>& opened) {
+  if (opened.empty()) return;
   int saved = -1;
   (void)cudaGetDevice(&saved);
-  (void)cudaSetDevice(reg.device);
-  for (void* p : reg.ipc_opened) (void)cudaIpcCloseMemHandle(p);
+  (void)cudaSetDevice(device);
+  for (void* p : opened) (void)cudaIpcCloseMemHandle(p);
   if (saved >= 0) (void)cudaSetDevice(saved);
+}
+
+Registered::~Registered() { CloseMappings(device, ipc_opened); }
+
+// Liveness words: one never-freed table per device; a live group's slot holds
+// its buffer id, a dead one's 0. Kernels check it on entry, so a launch
+// replayed from a captured CUDA graph after destroy() traps instead of
+// touching freed peer memory.
+constexpr int kAliveSlots = 4096;
+
+struct AliveTable {
+  uint32_t* words = nullptr;
+  std::vector<bool> used = std::vector<bool>(kAliveSlots, false);
+};
+
+AliveTable& AliveFor(int device) {  // under RegistryMutex
+  static auto* tables = new std::map<int, AliveTable>();
+  return (*tables)[device];
+}
+
+void WriteAlive(int device, uint32_t* word, uint32_t value) {
+  ScopedDevice scope(device);
+  Check(cudaMemcpy(word, &value, sizeof(value), cudaMemcpyHostToDevice), "cudaMemcpy(alive)");
 }
 
 }  // namespace
@@ -75,20 +103,23 @@ int* FaultRecord() {
     void* p = nullptr;
     // Portable + mapped: one pinned allocation visible from every device
     // (unified addressing makes the host pointer valid on the device).
-    Check(cudaHostAlloc(&p, 4 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
+    Check(cudaHostAlloc(&p, 8 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
           "cudaHostAlloc(fault record)");
-    std::memset(p, 0, 4 * sizeof(int));
+    std::memset(p, 0, 8 * sizeof(int));
     record = static_cast<int*>(p);
   }
   return record;
 }
 
-bool ReadFaultRecord(int* op, int* rank, int* peer) {
+bool ReadFaultRecord(Fault* out) {
   const volatile int* r = FaultRecord();
   if (r[0] != 2) return false;
-  *op = r[1];
-  *rank = r[2];
-  *peer = r[3];
+  out->kind = r[1];
+  out->op = r[2];
+  out->rank = r[3];
+  out->peer = r[4];
+  out->other_op = r[5];
+  out->seq = static_cast<uint32_t>(r[6]);
   return true;
 }
 
@@ -137,10 +168,11 @@ void DeviceBuffer::Free() {
   Check(cudaFree(p), "cudaFree");
 }
 
-void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank,
-                   int num_ranks, const std::vector<PeerSpec>& peers) {
+void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank, int num_ranks,
+                   int ranks_on_device, const std::vector<PeerSpec>& peers) {
   if (num_ranks < 1 || num_ranks > kMaxRanks) {
-    throw std::runtime_error("jax_ep: register_group: num_ranks must be in [1, 8]");
+    throw std::runtime_error("jax_ep: register_group: num_ranks must be in [1, " +
+                             std::to_string(kMaxRanks) + "], got " + std::to_string(num_ranks));
   }
   if (rank < 0 || rank >= num_ranks) {
     throw std::runtime_error("jax_ep: register_group: rank out of range");
@@ -154,83 +186,162 @@ void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank,
   const int dev = local.device_ordinal();
   UnregisterGroup(buffer_id, dev);
 
-  Registered reg;
-  reg.device = dev;
-  reg.entry.local_ptr = local.ptr();
-  reg.entry.num_bytes = local.num_bytes();
-  reg.entry.rank = rank;
-  reg.entry.num_ranks = num_ranks;
-  reg.entry.fault_record = FaultRecord();
-  try {
-    ScopedDevice scope(dev);
-    Check(PreloadKernels(), "loading the jax_ep kernels");
-    for (int d = 0; d < num_ranks; ++d) {
-      const PeerSpec& p = peers[d];
-      if (d == rank) {
-        reg.entry.peers[d] = static_cast<char*>(local.ptr());
-      } else if (p.local_ptr != nullptr) {
-        // Same process, other device: direct peer access.
-        if (p.local_device != dev) {
-          int can = 0;
-          Check(cudaDeviceCanAccessPeer(&can, dev, p.local_device),
-                "cudaDeviceCanAccessPeer");
-          if (!can) {
-            throw std::runtime_error("jax_ep: register_group: device " +
-                                     std::to_string(dev) + " cannot access device " +
-                                     std::to_string(p.local_device));
-          }
-          cudaError_t err = cudaDeviceEnablePeerAccess(p.local_device, 0);
-          if (err == cudaErrorPeerAccessAlreadyEnabled) {
-            (void)cudaGetLastError();  // sticky in the runtime; clear it
-          } else {
-            Check(err, "cudaDeviceEnablePeerAccess");
-          }
+  auto reg = std::make_shared<Registered>();
+  reg->device = dev;
+  GroupEntry& e = reg->entry;
+  e.local_ptr = local.ptr();
+  e.num_bytes = local.num_bytes();
+  e.rank = rank;
+  e.num_ranks = num_ranks;
+  e.ranks_on_device = std::max(1, ranks_on_device);
+  e.fault_record = FaultRecord();
+  e.buffer_id = static_cast<uint32_t>(buffer_id);
+  ScopedDevice scope(dev);
+  Check(PreloadKernels(), "loading the jax_ep kernels");
+  for (int d = 0; d < num_ranks; ++d) {
+    const PeerSpec& p = peers[d];
+    if (d == rank) {
+      e.peers[d] = static_cast<char*>(local.ptr());
+    } else if (p.local_ptr != nullptr) {
+      // Same process, other device: direct peer access.
+      if (p.local_device != dev) {
+        int can = 0;
+        Check(cudaDeviceCanAccessPeer(&can, dev, p.local_device), "cudaDeviceCanAccessPeer");
+        if (!can) {
+          throw std::runtime_error("jax_ep: register_group: device " + std::to_string(dev) +
+                                   " cannot access device " + std::to_string(p.local_device));
         }
-        reg.entry.peers[d] = static_cast<char*>(p.local_ptr);
-        reg.entry.num_bytes = std::min(reg.entry.num_bytes, p.local_bytes);
-      } else {
-        if (p.ipc_handle.size() != sizeof(cudaIpcMemHandle_t)) {
-          throw std::runtime_error("jax_ep: register_group: IPC handle of rank " +
-                                   std::to_string(d) + " has " +
-                                   std::to_string(p.ipc_handle.size()) +
-                                   " bytes, expected " +
-                                   std::to_string(sizeof(cudaIpcMemHandle_t)));
+        cudaError_t err = cudaDeviceEnablePeerAccess(p.local_device, 0);
+        if (err == cudaErrorPeerAccessAlreadyEnabled) {
+          (void)cudaGetLastError();  // sticky in the runtime; clear it
+        } else {
+          Check(err, "cudaDeviceEnablePeerAccess");
         }
-        cudaIpcMemHandle_t h;
-        std::memcpy(&h, p.ipc_handle.data(), sizeof(h));
-        void* mapped = nullptr;
-        Check(cudaIpcOpenMemHandle(&mapped, h, cudaIpcMemLazyEnablePeerAccess),
-              "cudaIpcOpenMemHandle (rank " + std::to_string(d) + ")");
-        reg.ipc_opened.push_back(mapped);
-        reg.entry.peers[d] = static_cast<char*>(mapped);
       }
+      e.peers[d] = static_cast<char*>(p.local_ptr);
+      e.num_bytes = std::min(e.num_bytes, p.local_bytes);
+    } else {
+      if (p.ipc_handle.size() != sizeof(cudaIpcMemHandle_t)) {
+        throw std::runtime_error("jax_ep: register_group: IPC handle of rank " +
+                                 std::to_string(d) + " has " +
+                                 std::to_string(p.ipc_handle.size()) + " bytes, expected " +
+                                 std::to_string(sizeof(cudaIpcMemHandle_t)));
+      }
+      cudaIpcMemHandle_t h;
+      std::memcpy(&h, p.ipc_handle.data(), sizeof(h));
+      void* mapped = nullptr;
+      Check(cudaIpcOpenMemHandle(&mapped, h, cudaIpcMemLazyEnablePeerAccess),
+            "cudaIpcOpenMemHandle (rank " + std::to_string(d) + ")");
+      reg->ipc_opened.push_back(mapped);  // closed by ~Registered on any failure below
+      e.peers[d] = static_cast<char*>(mapped);
     }
-  } catch (...) {
-    CloseMappings(reg);
-    throw;
   }
   std::lock_guard<std::mutex> lock(RegistryMutex());
+  AliveTable& table = AliveFor(dev);
+  if (table.words == nullptr) {
+    void* words = nullptr;
+    Check(cudaMalloc(&words, kAliveSlots * sizeof(uint32_t)), "cudaMalloc(alive table)");
+    Check(cudaMemset(words, 0, kAliveSlots * sizeof(uint32_t)), "cudaMemset(alive table)");
+    table.words = static_cast<uint32_t*>(words);
+  }
+  const auto free_slot = std::find(table.used.begin(), table.used.end(), false);
+  if (free_slot == table.used.end()) {
+    throw std::runtime_error("jax_ep: register_group: more than " + std::to_string(kAliveSlots) +
+                             " live Buffers on one device");
+  }
+  reg->alive_slot = static_cast<int>(free_slot - table.used.begin());
+  e.alive = table.words + reg->alive_slot;
+  WriteAlive(dev, table.words + reg->alive_slot, e.buffer_id);
+  table.used[reg->alive_slot] = true;
   Registry()[{buffer_id, dev}] = std::move(reg);
 }
 
 void UnregisterGroup(int64_t buffer_id, int device_ordinal) {
-  Registered reg;
+  std::shared_ptr<Registered> reg;
   {
     std::lock_guard<std::mutex> lock(RegistryMutex());
     auto it = Registry().find({buffer_id, device_ordinal});
     if (it == Registry().end()) return;
     reg = std::move(it->second);
     Registry().erase(it);
+    AliveTable& table = AliveFor(device_ordinal);
+    WriteAlive(device_ordinal, table.words + reg->alive_slot, 0u);
+    table.used[reg->alive_slot] = false;
   }
-  CloseMappings(reg);
+  // The mappings close when the last holder (this, or a handler) lets go.
 }
 
 bool LookupGroup(int64_t buffer_id, int device_ordinal, GroupEntry* out) {
   std::lock_guard<std::mutex> lock(RegistryMutex());
   auto it = Registry().find({buffer_id, device_ordinal});
   if (it == Registry().end()) return false;
-  *out = it->second.entry;
+  *out = it->second->entry;
   return true;
+}
+
+double MeasurePeerCopyGbps(int device_a, int device_b, int64_t num_bytes, int iters) {
+  if (device_a == device_b) throw std::runtime_error("jax_ep: p2p bandwidth needs two devices");
+  const int devs[2] = {device_a, device_b};
+  void* src[2] = {nullptr, nullptr};
+  void* dst[2] = {nullptr, nullptr};
+  cudaStream_t streams[2] = {nullptr, nullptr};
+  cudaEvent_t start[2] = {nullptr, nullptr}, stop[2] = {nullptr, nullptr};
+  double gbps = 0.0;
+  std::string error;
+  try {
+    for (int k = 0; k < 2; ++k) {
+      ScopedDevice scope(devs[k]);
+      cudaError_t err = cudaDeviceEnablePeerAccess(devs[1 - k], 0);
+      if (err == cudaErrorPeerAccessAlreadyEnabled) {
+        (void)cudaGetLastError();
+      } else {
+        Check(err, "cudaDeviceEnablePeerAccess");
+      }
+      Check(cudaMalloc(&src[k], num_bytes), "cudaMalloc");
+      Check(cudaMalloc(&dst[k], num_bytes), "cudaMalloc");
+      Check(cudaMemset(src[k], 1, num_bytes), "cudaMemset");
+      Check(cudaStreamCreateWithFlags(&streams[k], cudaStreamNonBlocking), "cudaStreamCreate");
+      Check(cudaEventCreate(&start[k]), "cudaEventCreate");
+      Check(cudaEventCreate(&stop[k]), "cudaEventCreate");
+    }
+    auto copy_both = [&] {
+      for (int k = 0; k < 2; ++k) {
+        Check(cudaMemcpyPeerAsync(dst[1 - k], devs[1 - k], src[k], devs[k], num_bytes, streams[k]),
+              "cudaMemcpyPeerAsync");
+      }
+    };
+    copy_both();  // warm-up
+    for (int k = 0; k < 2; ++k) Check(cudaStreamSynchronize(streams[k]), "sync");
+    for (int k = 0; k < 2; ++k) Check(cudaEventRecord(start[k], streams[k]), "cudaEventRecord");
+    for (int it = 0; it < iters; ++it) copy_both();
+    float worst_ms = 0.f;
+    for (int k = 0; k < 2; ++k) {
+      Check(cudaEventRecord(stop[k], streams[k]), "cudaEventRecord");
+      Check(cudaEventSynchronize(stop[k]), "cudaEventSynchronize");
+      float ms = 0.f;
+      Check(cudaEventElapsedTime(&ms, start[k], stop[k]), "cudaEventElapsedTime");
+      worst_ms = std::max(worst_ms, ms);
+    }
+    gbps = static_cast<double>(num_bytes) * iters / (worst_ms * 1e-3) / 1e9;
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  for (int k = 0; k < 2; ++k) {
+    ScopedDevice scope(devs[k]);
+    if (src[k]) (void)cudaFree(src[k]);
+    if (dst[k]) (void)cudaFree(dst[k]);
+    if (streams[k]) (void)cudaStreamDestroy(streams[k]);
+    if (start[k]) (void)cudaEventDestroy(start[k]);
+    if (stop[k]) (void)cudaEventDestroy(stop[k]);
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+  return gbps;
+}
+
+std::string DevicePciBusId(int device_ordinal) {
+  char id[32] = {0};
+  Check(cudaDeviceGetPCIBusId(id, sizeof(id), device_ordinal), "cudaDeviceGetPCIBusId");
+  return std::string(id);
 }
 
 }  // namespace jax_ep

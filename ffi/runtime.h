@@ -54,28 +54,46 @@ struct GroupEntry {
   int64_t num_bytes = 0;  // min over the local and same-process peer buffers
   int rank = 0;
   int num_ranks = 0;
+  int ranks_on_device = 1;               // group members on this GPU (any process)
   std::array<char*, kMaxRanks> peers{};  // rank order, as mapped here
   int* fault_record = nullptr;           // FaultRecord(), see below
+  const uint32_t* alive = nullptr;       // liveness word, see AliveSlot
+  uint32_t buffer_id = 0;
 };
 
-// The process's host-mapped int32[4] {state, op, rank, peer} that a barrier
-// fills before trapping on a timeout (state 2 = written). Allocated on first
-// use; throws std::runtime_error on failure.
+// The process's host-mapped int32[8] {state, kind, op, rank, peer, other_op,
+// seq, 0} that a kernel fills before trapping (state 2 = written; kind is a
+// FaultKind, op an OpCode). Allocated on first use; throws on failure.
 int* FaultRecord();
 
-// True (and op, rank, peer) when some barrier of this process timed out.
-bool ReadFaultRecord(int* op, int* rank, int* peer);
+struct Fault {
+  int kind, op, rank, peer, other_op;
+  uint32_t seq;
+};
+
+// True (and what happened) when some kernel of this process gave up.
+bool ReadFaultRecord(Fault* out);
 
 // Maps every peer into `local`'s device and records the group. Replaces an
-// existing entry with the same key (closing its IPC mappings). Throws
-// std::runtime_error on failure.
-void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank,
-                   int num_ranks, const std::vector<PeerSpec>& peers);
+// existing entry with the same key (closing its IPC mappings).
+// `ranks_on_device` is how many members of the group (any process) use this
+// GPU. Throws std::runtime_error on failure.
+void RegisterGroup(int64_t buffer_id, const DeviceBuffer& local, int rank, int num_ranks,
+                   int ranks_on_device, const std::vector<PeerSpec>& peers);
 
-// Closes the IPC mappings of the entry; no-op for an unknown key.
+// Marks the group dead (kernels replayed later trap) and closes its IPC
+// mappings once no handler holds it; no-op for an unknown key.
 void UnregisterGroup(int64_t buffer_id, int device_ordinal);
 
-// Copies the entry out; false when the key is unknown.
+// Copies the entry out; false when the key is unknown (or unregistered).
 bool LookupGroup(int64_t buffer_id, int device_ordinal, GroupEntry* out);
+
+// Copy-engine bandwidth between two devices of this process, both directions
+// at once, in GB/s each way (slowest direction), over `num_bytes` per
+// direction: the benchmark's "p2p" reference.
+double MeasurePeerCopyGbps(int device_a, int device_b, int64_t num_bytes, int iters);
+
+// PCI bus id of a device ("0000:1b:00.0"): identifies a GPU across processes.
+std::string DevicePciBusId(int device_ordinal);
 
 }  // namespace jax_ep
