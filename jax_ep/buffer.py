@@ -36,17 +36,19 @@ class Buffer:
     num_nvl_bytes: size of the CUDA communication buffer per GPU; default
       ``256 MiB``. ``Buffer.get_buffer_size_hint`` tells what a shape needs. A
       call that needs more raises a ValueError at trace time.
-    num_sms: thread blocks the CUDA data-movement kernels use (bounded so XLA's
-      own kernels can run beside them).
+    num_sms: thread blocks (one per SM) the CUDA kernels that talk to peers
+      use, at most 64; default ``jax_ep.backends.cuda.DEFAULT_NUM_SMS``. The
+      bound leaves the other SMs to XLA's own kernels.
     timeout_s: how long a CUDA kernel waits for a peer before it reports
-      ``jax_ep: <op> timed out on rank <r>`` and aborts.
+      ``jax_ep: <op> timed out on rank <r> waiting for rank <s>`` and aborts;
+      must be positive.
 
   Creating a CUDA buffer is collective in a multi-process job: every process
   must create its Buffers in the same order.
   """
 
   def __init__(self, mesh, axis_name: str = "ep", backend: str = "auto", *,
-               num_nvl_bytes: Optional[int] = None, num_sms: int = 20,
+               num_nvl_bytes: Optional[int] = None, num_sms: Optional[int] = None,
                timeout_s: float = 100.0):
     if not isinstance(mesh, jax.sharding.Mesh):
       raise TypeError(f"jax_ep.Buffer: mesh must be a jax.sharding.Mesh, got "
@@ -54,6 +56,9 @@ class Buffer:
     if axis_name not in mesh.axis_names:
       raise ValueError(f"jax_ep.Buffer: axis_name {axis_name!r} is not an axis of "
                        f"the mesh (axes: {mesh.axis_names}).")
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+      raise ValueError(f"jax_ep.Buffer: timeout_s must be a positive number of seconds, "
+                       f"got {timeout_s!r}.")
     if backend not in BACKENDS:
       raise ValueError(f"jax_ep.Buffer: unknown backend {backend!r}; choose one of "
                        f"{BACKENDS}.")
@@ -184,9 +189,7 @@ class Buffer:
     topk_idx = _ops.check_topk_idx(topk_idx, N, num_experts, op)
     topk_weights = _ops.check_weights(topk_weights, topk_idx.shape, op, "topk_weights")
     capacity = _ops.check_num_worst_tokens(num_worst_tokens, N, R, op)
-    if layout is None:
-      layout = self._backend.layout(topk_idx, num_experts)
-    else:
+    if layout is not None:
       layout = _ops.check_layout(layout, N, R, num_experts, op)
     return _ops.dispatch(self._backend, x, topk_idx, topk_weights, layout,
                          num_experts, capacity)

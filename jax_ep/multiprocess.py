@@ -1,8 +1,10 @@
 """Run N JAX processes as the N ranks of one mesh, on one machine.
 
-This is how the CUDA backend is tested on a single GPU: every process sees the
-same GPU, ``jax.distributed.initialize`` joins them into one N-device mesh,
-and the communication buffers are shared through CUDA IPC. (XLA's own NCCL
+Two process models: by default every process uses GPU 0 (N ranks emulated on
+one GPU: how the CUDA backend is tested on a single GPU); with ``gpus=G``
+rank r uses GPU r % G (one process per GPU when G == N, or several ranks per
+GPU). ``jax.distributed.initialize`` joins the processes into one N-device
+mesh, and the communication buffers are shared through CUDA IPC. (XLA's own NCCL
 collectives refuse that setup, so references must be computed without them:
 ``jax_ep.testing`` rebuilds every rank's inputs from a seed.) With an MPS
 daemon running the processes' kernels run concurrently; without it they
@@ -15,7 +17,7 @@ The target ``"module:function"`` is called in every process as
 ``function(rank, num_ranks, **kwargs)`` after ``jax.distributed.initialize``;
 its JSON-serialisable return value comes back in rank order.
 
-Command line: ``python -m jax_ep.multiprocess --ranks 4 MODULE:FUNCTION [JSON_KWARGS]``.
+Command line: ``python -m jax_ep.multiprocess --ranks 4 [--gpus 2] MODULE:FUNCTION [JSON_KWARGS]``.
 """
 from __future__ import annotations
 
@@ -47,8 +49,15 @@ def _free_port() -> int:
 
 def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
            timeout_s: float = 600.0, env: dict | None = None,
-           mem_fraction: float = 0.08, expect_failure: bool = False):
+           mem_fraction: float | None = None, expect_failure: bool = False,
+           gpus: int = 0):
   """Run ``target`` in ``num_ranks`` processes; return their results in rank order.
+
+  ``gpus=0`` puts every process on GPU 0 (ranks emulated on one GPU);
+  ``gpus=G`` puts process r on GPU r % G; ``gpus=-1`` gives every process every
+  GPU (with one process: one process driving all GPUs, one rank per GPU).
+  XLA's memory preallocation per process is ``mem_fraction`` of the GPU
+  (default: shared evenly by the ranks on a GPU, at most 0.4).
 
   Fails fast: as soon as one process exits non-zero the others are stopped
   (they would otherwise wait for it until some collective times out). Raises
@@ -58,6 +67,9 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
   """
   import tempfile
   port = _free_port()
+  if mem_fraction is None:
+    per_gpu = num_ranks if gpus == 0 else (1 if gpus < 0 else -(-num_ranks // gpus))
+    mem_fraction = min(0.4, 0.6 / per_gpu)
   base_env = dict(os.environ)
   base_env.update({"XLA_PYTHON_CLIENT_MEM_FRACTION": str(mem_fraction),
                    "PYTHONUNBUFFERED": "1"})
@@ -67,7 +79,7 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
     for rank in range(num_ranks):
       cmd = [sys.executable, "-m", "jax_ep.multiprocess", "--worker",
              "--rank", str(rank), "--ranks", str(num_ranks), "--port", str(port),
-             target, json.dumps(kwargs or {})]
+             "--gpus", str(gpus), target, json.dumps(kwargs or {})]
       # Files, not pipes: a chatty rank can never block on a full pipe.
       out = open(os.path.join(logs, f"{rank}.out"), "w+")
       err = open(os.path.join(logs, f"{rank}.err"), "w+")
@@ -111,10 +123,11 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
   return results
 
 
-def _worker(rank: int, num_ranks: int, port: int, target: str, kwargs: dict) -> None:
+def _worker(rank: int, num_ranks: int, port: int, target: str, kwargs: dict,
+            gpus: int = 0) -> None:
   import jax
-  jax.distributed.initialize(f"127.0.0.1:{port}", num_ranks, rank,
-                             local_device_ids=[0])
+  local = None if gpus < 0 else [rank % gpus if gpus else 0]
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_ranks, rank, local_device_ids=local)
   module, fn = target.split(":")
   try:
     result = getattr(importlib.import_module(module), fn)(rank, num_ranks, **kwargs)
@@ -124,7 +137,7 @@ def _worker(rank: int, num_ranks: int, port: int, target: str, kwargs: dict) -> 
     import traceback
     traceback.print_exc()
     cuda = sys.modules.get("jax_ep.backends.cuda")
-    message = cuda.timeout_message() if cuda is not None else None
+    message = cuda.fault_message() if cuda is not None else None
     if message:
       print(message, file=sys.stderr)
     sys.stdout.flush()
@@ -139,15 +152,19 @@ def main(argv=None) -> int:
   ap.add_argument("--ranks", type=int, required=True)
   ap.add_argument("--rank", type=int)
   ap.add_argument("--port", type=int)
+  ap.add_argument("--gpus", type=int, default=0,
+                  help="G > 0: process r on GPU r %% G; 0: every process on GPU 0; "
+                       "-1: every process sees every GPU")
   ap.add_argument("--worker", action="store_true")
   ap.add_argument("target")
   ap.add_argument("kwargs", nargs="?", default="{}")
   args = ap.parse_args(argv)
   kwargs = json.loads(args.kwargs)
   if args.worker:
-    _worker(args.rank, args.ranks, args.port, args.target, kwargs)
+    _worker(args.rank, args.ranks, args.port, args.target, kwargs, args.gpus)
     return 0
-  for rank, result in enumerate(launch(args.target, args.ranks, kwargs=kwargs)):
+  for rank, result in enumerate(launch(args.target, args.ranks, kwargs=kwargs,
+                                       gpus=args.gpus)):
     print(f"rank {rank}: {json.dumps(result)}")
   return 0
 

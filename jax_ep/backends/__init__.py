@@ -5,7 +5,8 @@ A backend object has ``name`` and four methods, each called inside
 
 - ``layout(topk_idx, num_experts) -> DispatchLayout``
 - ``dispatch(x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens)``
-  ``-> (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle)``
+  ``-> (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle)``;
+  ``layout`` is None when the caller passed none (the backend derives it)
 - ``cached_dispatch(x, weights, handle) -> (recv_x, recv_weights)``
 - ``combine(y, weights, handle) -> (combined_x, combined_weights)``
 

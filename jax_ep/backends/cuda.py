@@ -24,8 +24,7 @@ from jax_ep import _ext
 from jax_ep.handles import DispatchHandle, DispatchLayout
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
-MAX_RANKS = 8
-MAX_TOPK = 32
+DEFAULT_NUM_SMS = 24
 
 _registered = False
 _register_lock = threading.Lock()
@@ -61,21 +60,18 @@ def _register_targets(c) -> None:
     _registered = True
 
 
-def timeout_message():
-  """``"jax_ep: <op> timed out on rank r waiting for rank s"``, or None.
+def fault_message():
+  """What a jax_ep kernel of this process recorded before it aborted, or None.
 
-  A kernel that waits too long for a peer records who it was waiting for in
-  host memory and aborts the CUDA context; XLA then only reports a generic
-  launch failure. This says what happened.
+  For example ``"jax_ep: dispatch timed out on rank 0 waiting for rank 1"`` or
+  ``"jax_ep: dispatch on rank 0 met combine from rank 1"``. A kernel that
+  cannot go on records why in host memory and aborts the CUDA context; XLA
+  then only reports a generic launch failure. This says what happened.
   """
   c = _ext.load()
   if c is None or not _registered:
     return None
-  record = c.timeout_record()
-  if record is None:
-    return None
-  op, rank, peer = record
-  return f"jax_ep: {op} timed out on rank {rank} waiting for rank {peer}"
+  return c.fault_message()
 
 
 def _install_timeout_reporter(c) -> None:
@@ -83,7 +79,7 @@ def _install_timeout_reporter(c) -> None:
   reported = []
 
   def report():
-    msg = timeout_message()
+    msg = fault_message()
     if msg and not reported:
       reported.append(msg)
       sys.stderr.write(msg + "\n")
@@ -116,23 +112,24 @@ def _kv_client():
 class CudaBackend:
   name = "cuda"
 
-  def __init__(self, mesh, axis_name: str, *, num_nvl_bytes=None, num_sms: int = 20,
+  def __init__(self, mesh, axis_name: str, *, num_nvl_bytes=None, num_sms=None,
                timeout_s: float = 100.0):
     c = _cuda_module()
     self.axis_name = axis_name
     self.num_ranks = int(mesh.shape[axis_name])
-    if not 1 <= self.num_ranks <= MAX_RANKS:
-      raise ValueError(f"jax_ep.Buffer: the cuda backend supports 1 to {MAX_RANKS} "
+    if not 1 <= self.num_ranks <= c.MAX_RANKS:
+      raise ValueError(f"jax_ep.Buffer: the cuda backend supports 1 to {c.MAX_RANKS} "
                        f"ranks on axis {axis_name!r}, got {self.num_ranks}.")
     if any(d.platform != "gpu" for d in mesh.devices.flat):
       raise ValueError("jax_ep.Buffer: backend='cuda' needs a mesh of NVIDIA GPUs.")
-    if num_sms < 1:
-      raise ValueError(f"jax_ep.Buffer: num_sms must be >= 1, got {num_sms}.")
-    if timeout_s <= 0:
+    num_sms = DEFAULT_NUM_SMS if num_sms is None else num_sms
+    if not 1 <= num_sms <= c.MAX_SMS:
+      raise ValueError(f"jax_ep.Buffer: num_sms must be in [1, {c.MAX_SMS}], got {num_sms}.")
+    if not timeout_s > 0:
       raise ValueError(f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s}.")
     self.num_bytes = int(num_nvl_bytes or DEFAULT_NUM_NVL_BYTES)
     self.num_sms = int(num_sms)
-    self.timeout_ns = int(timeout_s * 1e9)
+    self.timeout_ns = max(1, int(timeout_s * 1e9))
     self.buffer_id = next(_buffer_ids)
     _register_targets(c)
     self._c = c
@@ -149,13 +146,36 @@ class CudaBackend:
     me = jax.process_index()
     multiprocess = jax.process_count() > 1
     client = _kv_client() if multiprocess else None
+    key = f"jax_ep/{self.buffer_id}"
+    # What this process sees of the Buffer: every process must agree, or a
+    # peer with a smaller buffer would be written past its end.
+    mine = {"num_nvl_bytes": self.num_bytes,
+            "groups": [[int(d.id) for d in group] for group in devices]}
+    gpu_of = {}  # device id -> PCI bus id (which physical GPU)
     for group in devices:
       for d in group:
         if d.process_index == me:
           buf = c.DeviceBuffer(d.local_hardware_id, self.num_bytes)
           self._local[d.id] = buf
+          gpu_of[d.id] = c.pci_bus_id(d.local_hardware_id)
           if multiprocess:
-            client.key_value_set_bytes(f"jax_ep/{self.buffer_id}/{d.id}", buf.ipc_handle())
+            client.key_value_set_bytes(f"{key}/{d.id}", buf.ipc_handle())
+            client.key_value_set(f"{key}/gpu/{d.id}", gpu_of[d.id])
+    if multiprocess:
+      import json
+      client.key_value_set(f"{key}/config/{me}", json.dumps(mine))
+      for p in range(jax.process_count()):
+        theirs = json.loads(client.blocking_key_value_get(f"{key}/config/{p}", 300_000))
+        for field in ("num_nvl_bytes", "groups"):
+          if theirs[field] != mine[field]:
+            raise ValueError(
+                f"jax_ep.Buffer: processes disagree on {field}: process {me} has "
+                f"{mine[field]}, process {p} has {theirs[field]}. Every process must "
+                f"create its Buffers in the same order with the same arguments.")
+      for group in devices:
+        for d in group:
+          if d.id not in gpu_of:
+            gpu_of[d.id] = client.blocking_key_value_get(f"{key}/gpu/{d.id}", 300_000)
     for group in devices:
       for rank, d in enumerate(group):
         if d.process_index != me:
@@ -165,16 +185,21 @@ class CudaBackend:
           if p.process_index == me:
             peers.append(self._local[p.id])
           else:
-            peers.append(client.blocking_key_value_get_bytes(
-                f"jax_ep/{self.buffer_id}/{p.id}", 300_000))
-        c.register_group(self.buffer_id, self._local[d.id], rank, self.num_ranks, peers)
+            peers.append(client.blocking_key_value_get_bytes(f"{key}/{p.id}", 300_000))
+        sharing = sum(gpu_of[p.id] == gpu_of[d.id] for p in group)
+        c.register_group(self.buffer_id, self._local[d.id], rank, self.num_ranks, sharing,
+                         peers)
     if multiprocess:
-      client.wait_at_barrier(f"jax_ep/{self.buffer_id}/open", 300_000)
+      client.wait_at_barrier(f"{key}/open", 300_000)
 
   @staticmethod
   def _release(c, buffer_id, local, multiprocess):
     if not local:
       return
+    try:  # Work PJRT has accepted but not yet run may still use the buffers.
+      jax.effects_barrier()
+    except Exception:  # The job is tearing down; go on.
+      pass
     for buf in local.values():
       buf.synchronize()  # Our own kernels are done with every peer's memory.
     if multiprocess:
@@ -183,6 +208,8 @@ class CudaBackend:
       except Exception:  # The job is tearing down; free anyway.
         pass
     for buf in local.values():
+      # After this the handlers refuse the buffer_id and kernels replayed from
+      # captured graphs trap on the liveness word: nothing touches freed memory.
       c.unregister_group(buffer_id, buf.device_ordinal)
       buf.free()
     local.clear()
@@ -196,9 +223,9 @@ class CudaBackend:
     if hidden * itemsize % 16:
       raise ValueError(f"jax_ep.{op}: the cuda backend needs rows of a multiple of "
                        f"16 bytes; hidden={hidden} x {itemsize} bytes is not.")
-    if num_topk > MAX_TOPK:
-      raise ValueError(f"jax_ep.{op}: the cuda backend supports num_topk <= {MAX_TOPK}, "
-                       f"got {num_topk}.")
+    if num_topk > self._c.MAX_TOPK:
+      raise ValueError(f"jax_ep.{op}: the cuda backend supports num_topk <= "
+                       f"{self._c.MAX_TOPK}, got {num_topk}.")
     need = buffer_bytes_needed(self.num_ranks, num_tokens, capacity, hidden,
                                num_topk, itemsize)
     if need > self.num_bytes:
@@ -207,9 +234,11 @@ class CudaBackend:
           f"GPU but the Buffer has num_nvl_bytes={self.num_bytes}; make the Buffer "
           f"with num_nvl_bytes=Buffer.get_buffer_size_hint(...) or more.")
 
-  def _attrs(self):
-    return dict(buffer_id=np.int64(self.buffer_id), num_sms=np.int64(self.num_sms),
-                timeout_ns=np.int64(self.timeout_ns))
+  def _attrs(self, *, num_experts=0, has_weights, has_layout=False):
+    """The intranode ops' attribute struct (``IntranodeAttrs`` in ffi/handlers.cc)."""
+    return dict(buffer_id=np.int64(self.buffer_id), num_experts=np.int64(num_experts),
+                num_sms=np.int64(self.num_sms), timeout_ns=np.int64(self.timeout_ns),
+                has_weights=np.bool_(has_weights), has_layout=np.bool_(has_layout))
 
   def _rank(self):
     return lax.axis_index(self.axis_name).astype(jnp.int32)
@@ -236,12 +265,19 @@ class CudaBackend:
         jax.ShapeDtypeStruct((R,), jnp.int32),
         jax.ShapeDtypeStruct((num_experts,), jnp.int32),
         jax.ShapeDtypeStruct((N, R), jnp.bool_)), topk_idx,
-        num_experts=np.int64(num_experts), num_ranks=np.int64(R)))
+        buffer_id=np.int64(self.buffer_id), num_experts=np.int64(num_experts),
+        num_ranks=np.int64(R)))
 
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
     (N, H), K, R, M = x.shape, topk_idx.shape[1], self.num_ranks, num_worst_tokens
     self._check_shape("dispatch", N, M, H, K, x.dtype)
-    weights = topk_weights if topk_weights is not None else jnp.zeros((N, K), jnp.float32)
+    # Absent weights / layout travel as empty arrays (constants, no kernel).
+    weights = (topk_weights if topk_weights is not None
+               else jnp.zeros((0, K), jnp.float32))
+    if layout is not None:
+      in_rank, per_rank = layout.is_token_in_rank, layout.num_tokens_per_rank
+    else:
+      in_rank, per_rank = jnp.zeros((0, R), jnp.bool_), jnp.zeros((0,), jnp.int32)
     i32 = jnp.int32
     shapes = (
         jax.ShapeDtypeStruct((M, H), x.dtype),
@@ -253,10 +289,11 @@ class CudaBackend:
         jax.ShapeDtypeStruct((M,), i32),
         jax.ShapeDtypeStruct((), i32))
     (recv_x, recv_idx, recv_w, counts, send_pos, src_idx, src_rank,
-     num_recv) = self._call("jax_ep_dispatch", shapes, x, topk_idx, weights,
-                            layout.is_token_in_rank, layout.num_tokens_per_rank,
-                            self._rank(), num_experts=np.int64(num_experts),
-                            **self._attrs())
+     num_recv) = self._call("jax_ep_dispatch", shapes, x, topk_idx, weights, in_rank,
+                            per_rank, self._rank(),
+                            **self._attrs(num_experts=num_experts,
+                                          has_weights=topk_weights is not None,
+                                          has_layout=layout is not None))
     handle = DispatchHandle(send_pos, src_idx, src_rank, num_recv)
     return (recv_x, recv_idx, recv_w if topk_weights is not None else None, counts,
             handle)
@@ -265,23 +302,33 @@ class CudaBackend:
     (N, H), M = x.shape, handle.capacity
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("dispatch", N, M, H, K, x.dtype)
-    w = weights if weights is not None else jnp.zeros((N, K), jnp.float32)
+    w = weights if weights is not None else jnp.zeros((0, K), jnp.float32)
     recv_x, recv_w = self._call(
         "jax_ep_cached_dispatch",
         (jax.ShapeDtypeStruct((M, H), x.dtype), jax.ShapeDtypeStruct((M, K), jnp.float32)),
-        x, w, handle.send_pos, handle.num_recv_tokens, self._rank(),
-        has_weights=np.int64(weights is not None), **self._attrs())
+        x, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
+        handle.num_recv_tokens, self._rank(), **self._attrs(has_weights=weights is not None))
     return recv_x, (recv_w if weights is not None else None)
 
   def combine(self, y, weights, handle):
     (M, H), N = y.shape, handle.num_tokens
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("combine", N, M, H, K, y.dtype)
-    w = weights if weights is not None else jnp.zeros((M, K), jnp.float32)
+    w = weights if weights is not None else jnp.zeros((0, K), jnp.float32)
     out, out_w = self._call(
         "jax_ep_combine",
         (jax.ShapeDtypeStruct((N, H), y.dtype), jax.ShapeDtypeStruct((N, K), jnp.float32)),
         y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
-        handle.num_recv_tokens, self._rank(),
-        has_weights=np.int64(weights is not None), **self._attrs())
+        handle.num_recv_tokens, self._rank(), **self._attrs(has_weights=weights is not None))
     return out, (out_w if weights is not None else None)
+
+
+def device_clock(after):
+  """The device's clock (ns, uint64) once the stream has produced ``after``.
+
+  A benchmark aid: two readings around a region give its device time, with no
+  host clock involved. Use inside ``jit``; the reading is ordered after the
+  computation of ``after`` (pass what the region produced).
+  """
+  _register_targets(_cuda_module())
+  return jax.ffi.ffi_call("jax_ep_clock", jax.ShapeDtypeStruct((), jnp.uint64))(after)

@@ -69,6 +69,8 @@ class XlaBackend:
     N = x.shape[0]
     experts_per_rank = num_experts // R
     me = lax.axis_index(axis)
+    if layout is None:
+      layout = self.layout(topk_idx, num_experts)
     is_in = layout.is_token_in_rank
 
     # counts[s, d]: tokens rank s sends to rank d.
