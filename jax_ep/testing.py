@@ -183,9 +183,13 @@ def _to_global(mesh, per_rank, axis_name="ep"):
                                       lambda index: full[index])
 
 
-def _local(out):
-  """The local rank's piece of a [R, ...] output."""
-  return np.asarray(out.addressable_shards[0].data)[0]
+def _local_ranks(out):
+  """{rank: that rank's piece} of a [R, ...] output, for every rank this process holds."""
+  pieces = {}
+  for shard in out.addressable_shards:
+    rank = shard.index[0].start or 0
+    pieces[rank] = np.asarray(shard.data)[0]
+  return pieces
 
 
 def make_case(seed, num_ranks, num_tokens, hidden, num_topk, num_experts,
@@ -207,18 +211,19 @@ def make_case(seed, num_ranks, num_tokens, hidden, num_topk, num_experts,
   return xs, idxs, ws, ys, x2s
 
 
-def check_contract(rank, num_ranks, *, seed=0, num_tokens=64, hidden=256, num_topk=4,
-                   num_experts=16, num_worst_tokens=None, dtype="bfloat16",
+def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
+                   num_topk=4, num_experts=16, num_worst_tokens=None, dtype="bfloat16",
                    backend="cuda", num_sms=8, repeats=2):
-  """Every dispatch/combine output of this rank against the NumPy reference.
+  """Every dispatch/combine output of the ranks this process holds, against NumPy.
 
-  Runs the whole sequence ``repeats`` times with fresh inputs, so stale data
-  from a previous run in reused memory cannot pass for a written row. Raises
-  AssertionError on a mismatch; returns a summary on success.
+  The number of ranks R is the size of the global mesh (every device of every
+  process). Runs the whole sequence ``repeats`` times with fresh inputs, so
+  stale data from a previous run in reused memory cannot pass for a written
+  row. Raises AssertionError on a mismatch; returns a summary on success.
   """
   import jax_ep
   mesh = _global_mesh()
-  R, N, H, K, E = num_ranks, num_tokens, hidden, num_topk, num_experts
+  R, N, H, K, E = mesh.size, num_tokens, hidden, num_topk, num_experts
   cap = num_worst_tokens or N * R
   jdt = jnp.dtype(dtype)
   nbytes = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt, num_worst_tokens) \
@@ -233,7 +238,8 @@ def check_contract(rank, num_ranks, *, seed=0, num_tokens=64, hidden=256, num_to
         num_worst_tokens=num_worst_tokens)
     out, out_w = buf.combine(y, h, topk_weights=recv_w)
     recv_x2, _, recv_w2, _, _ = buf.dispatch(x2, handle=h, topk_weights=w)
-    # Autodiff: the gradient of dispatch is a combine of the cotangent.
+    # Autodiff: the gradient of dispatch (here without weights or a layout,
+    # which the cuda backend then derives itself) is a combine of the cotangent.
     _, vjp = jax.vjp(lambda x: buf.dispatch(x, topk_idx=idx, num_experts=E,
                                             num_worst_tokens=num_worst_tokens)[0], x)
     (grad_x,) = vjp(y)
@@ -244,48 +250,187 @@ def check_contract(rank, num_ranks, *, seed=0, num_tokens=64, hidden=256, num_to
     return tuple(r[None] for r in res)
 
   fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  num_recv = {}
   for rep in range(repeats):
     xs, idxs, ws, ys, x2s = make_case((seed, rep), R, N, H, K, E, num_worst_tokens, dtype)
-    outs = fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, ys, x2s)])
-    (per_rank_counts, per_expert, in_rank, recv_x, recv_idx, recv_w, counts, send_pos,
-     src_idx, src_rank, num_recv, out, out_w, recv_x2, recv_w2, grad_x) = [
-         _local(o) for o in outs]
+    outs = [_local_ranks(o) for o in
+            fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, ys, x2s)])]
     ref = reference_dispatch(xs, idxs, ws, E, num_worst_tokens)
     ref2 = reference_dispatch(x2s, idxs, ws, E, num_worst_tokens)
-    e = ref[rank]
     combined, combined_w = reference_combine(ys, ref, N, [r["recv_topk_weights"] for r in ref])
-    where = f"rank {rank}/{R} repeat {rep}"
-    np.testing.assert_array_equal(per_rank_counts, e["num_tokens_per_rank"], where)
-    np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
-    np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
-    np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
-    np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
-    np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
-    np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
-    np.testing.assert_array_equal(send_pos, e["send_pos"], where)
-    kept = e["recv_src"]
-    exp_rank = -np.ones(cap, np.int32)
-    exp_idx = -np.ones(cap, np.int32)
-    exp_w2 = np.zeros((cap, K), np.float32)
-    for row, (s, i) in enumerate(kept):
-      exp_rank[row], exp_idx[row] = s, i
-      exp_w2[row] = ws[s][i]
-    np.testing.assert_array_equal(src_rank, exp_rank, where)
-    np.testing.assert_array_equal(src_idx, exp_idx, where)
-    assert int(num_recv) == e["num_recv_tokens"], where
-    tol = dict(rtol=1e-2, atol=1e-2) if jdt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(out.astype(np.float32), combined[rank], err_msg=where, **tol)
-    np.testing.assert_allclose(out_w, combined_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
-    np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
-    np.testing.assert_array_equal(recv_w2, exp_w2, where)
     grad_ref, _ = reference_combine(ys, ref, N)
-    np.testing.assert_allclose(grad_x.astype(np.float32), grad_ref[rank], err_msg=where, **tol)
+    for rank in outs[0]:
+      (per_rank_counts, per_expert, in_rank, recv_x, recv_idx, recv_w, counts, send_pos,
+       src_idx, src_rank, n_recv, out, out_w, recv_x2, recv_w2, grad_x) = [
+           o[rank] for o in outs]
+      e = ref[rank]
+      where = f"rank {rank}/{R} repeat {rep}"
+      np.testing.assert_array_equal(per_rank_counts, e["num_tokens_per_rank"], where)
+      np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
+      np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
+      np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
+      np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
+      np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
+      np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
+      np.testing.assert_array_equal(send_pos, e["send_pos"], where)
+      exp_rank = -np.ones(cap, np.int32)
+      exp_idx = -np.ones(cap, np.int32)
+      exp_w2 = np.zeros((cap, K), np.float32)
+      for row, (s, i) in enumerate(e["recv_src"]):
+        exp_rank[row], exp_idx[row] = s, i
+        exp_w2[row] = ws[s][i]
+      np.testing.assert_array_equal(src_rank, exp_rank, where)
+      np.testing.assert_array_equal(src_idx, exp_idx, where)
+      assert int(n_recv) == e["num_recv_tokens"], where
+      tol = dict(rtol=1e-2, atol=1e-2) if jdt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(out.astype(np.float32), combined[rank], err_msg=where, **tol)
+      np.testing.assert_allclose(out_w, combined_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
+      np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
+      np.testing.assert_array_equal(recv_w2, exp_w2, where)
+      np.testing.assert_allclose(grad_x.astype(np.float32), grad_ref[rank], err_msg=where,
+                                 **tol)
+      num_recv[rank] = int(n_recv)
   buf.destroy()
-  return {"rank": rank, "num_recv_tokens": int(num_recv), "capacity": cap,
-          "repeats": repeats}
+  return {"ranks": sorted(num_recv), "num_ranks": R, "num_recv_tokens": num_recv,
+          "capacity": cap, "repeats": repeats}
 
 
-def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
+def _run_failing(fn, args, hang_s=120):
+  """Run a jitted call that must fail (a kernel trap); a hang dumps stacks and exits."""
+  import faulthandler
+  faulthandler.dump_traceback_later(hang_s, exit=True)
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return {"unexpected": "the call returned"}
+
+
+def check_op_mismatch(process, num_processes, *, hidden=64, timeout_s=30.0):
+  """Rank 0 runs a dispatch where the other ranks run a combine: both must stop.
+
+  Every rank first runs one dispatch together (so a handle exists), then the
+  ranks disagree on the next op (rank-dependent control flow). The kernels
+  must trap with ``jax_ep: dispatch on rank 0 met combine from rank 1`` (or
+  the mirror image) instead of pairing the wrong rows.
+  """
+  import jax_ep
+  from jax import lax
+  mesh = _global_mesh()
+  R, N, E, K = mesh.size, 8, 2 * mesh.size, 2
+  buf = jax_ep.Buffer(mesh, "ep", backend="cuda", timeout_s=timeout_s, num_nvl_bytes=1 << 20)
+
+  def per_rank(x, i):
+    x, i = x[0].astype(jnp.bfloat16), i[0]
+    recv_x, _, _, _, h = buf.dispatch(x, topk_idx=i, num_experts=E)
+    first = lax.axis_index("ep") == 0
+    total = lax.cond(
+        first,
+        lambda: buf.dispatch(x, topk_idx=i, num_experts=E)[0].astype(jnp.float32).sum(),
+        lambda: buf.combine(recv_x, h)[0].astype(jnp.float32).sum())
+    return total[None]
+
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  xs, idxs, *_ = make_case(2, R, N, hidden, K, E)
+  return _run_failing(fn, (_to_global(mesh, xs), _to_global(mesh, idxs)))
+
+
+def check_stale_layout(process, num_processes, *, hidden=64, timeout_s=30.0):
+  """Rank 0 passes a layout made for other routing: dispatch must refuse it."""
+  import jax_ep
+  from jax import lax
+  mesh = _global_mesh()
+  R, N, E, K = mesh.size, 16, 2 * mesh.size, 2
+  buf = jax_ep.Buffer(mesh, "ep", backend="cuda", timeout_s=timeout_s, num_nvl_bytes=1 << 20)
+
+  def per_rank(x, i, stale):
+    x, i, stale = x[0].astype(jnp.bfloat16), i[0], stale[0]
+    first = lax.axis_index("ep") == 0
+    layout = buf.get_dispatch_layout(jnp.where(first, stale, i), E)
+    return buf.dispatch(x, topk_idx=i, num_experts=E, layout=layout)[0][None]
+
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  xs, idxs, *_ = make_case(3, R, N, hidden, K, E)
+  stale = [np.roll(i, 1, axis=0) for i in idxs]  # same ids, other tokens
+  return _run_failing(fn, tuple(_to_global(mesh, a) for a in (xs, idxs, stale)))
+
+
+def check_use_after_destroy(process, num_processes, *, hidden=64, command_buffers=False):
+  """A jitted call made before Buffer.destroy() and run after it must fail loudly."""
+  import jax_ep
+  mesh = _global_mesh()
+  R, N, E, K = mesh.size, 8, 2 * mesh.size, 2
+  buf = jax_ep.Buffer(mesh, "ep", backend="cuda", num_nvl_bytes=1 << 20)
+  fn = jax.jit(jax.shard_map(
+      lambda x, i: buf.dispatch(x[0], topk_idx=i[0], num_experts=E)[0][None],
+      mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  xs, idxs, *_ = make_case(4, R, N, hidden, K, E, dtype="bfloat16")
+  args = (_to_global(mesh, [x.astype(jnp.bfloat16) for x in xs]), _to_global(mesh, idxs))
+  compiled = fn.lower(*args).compile(_command_buffer_options(command_buffers))
+  jax.block_until_ready(compiled(*args))
+  buf.destroy()
+  return _run_failing(compiled, args)
+
+
+def _command_buffer_options(on: bool) -> dict:
+  """XLA options that put custom calls into CUDA graphs (or keep everything out)."""
+  if on:
+    return {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL",
+            "xla_gpu_graph_min_graph_size": 1}
+  return {"xla_gpu_enable_command_buffer": ""}
+
+
+def check_command_buffers(process, num_processes, *, seed=5, num_tokens=96, hidden=256,
+                          num_topk=4, num_experts=None, num_sms=8):
+  """dispatch -> expert -> combine captured into CUDA graphs equals the plain run.
+
+  Compiles the same jitted layer twice, with XLA's command buffers holding our
+  custom calls and with command buffers off; checks that the first really put
+  jax_ep's calls into a command buffer, runs both several times (graph
+  replays) and compares every output bit for bit, and with the reference.
+  """
+  import jax_ep
+  mesh = _global_mesh()
+  R, N, H, K = mesh.size, num_tokens, hidden, num_topk
+  E = num_experts or 4 * R
+  buf = jax_ep.Buffer(mesh, "ep", backend="cuda", num_sms=num_sms,
+                      num_nvl_bytes=jax_ep.Buffer.get_buffer_size_hint(N, H, R, K))
+
+  def per_rank(x, idx, w):
+    x, idx, w = x[0].astype(jnp.bfloat16), idx[0], w[0]
+    recv_x, recv_idx, recv_w, counts, h = buf.dispatch(x, topk_idx=idx, topk_weights=w,
+                                                       num_experts=E)
+    y = (recv_x.astype(jnp.float32) * recv_w.sum(1, keepdims=True)).astype(jnp.bfloat16)
+    out, _ = buf.combine(y, h)
+    return out[None], counts[None]
+
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  xs, idxs, ws, _, _ = make_case(seed, R, N, H, K, E, dtype="bfloat16")
+  args = [_to_global(mesh, a) for a in (xs, idxs, ws)]
+  with_graphs = fn.lower(*args).compile(_command_buffer_options(True))
+  without = fn.lower(*args).compile(_command_buffer_options(False))
+  hlo = with_graphs.as_text()
+  captured = [line for line in hlo.splitlines()
+              if "jax_ep_dispatch" in line or "jax_ep_combine" in line]
+  in_graph = "command_buffer" in hlo
+  results = {}
+  for name, compiled in (("graphs", with_graphs), ("plain", without), ("graphs2", with_graphs)):
+    for _ in range(3):
+      out, counts = compiled(*args)
+    results[name] = {r: (o, c) for (r, o), c in zip(_local_ranks(out).items(),
+                                                   _local_ranks(counts).values())}
+  ref = reference_dispatch(xs, idxs, ws, E)
+  ys = [(r["recv_x"] * r["recv_topk_weights"].sum(1, keepdims=True)) for r in ref]
+  expected, _ = reference_combine(ys, ref, N)
+  for rank, (out, counts) in results["plain"].items():
+    for other in ("graphs", "graphs2"):
+      np.testing.assert_array_equal(results[other][rank][0], out, f"rank {rank} {other}")
+      np.testing.assert_array_equal(results[other][rank][1], counts, f"rank {rank} {other}")
+    np.testing.assert_allclose(out.astype(np.float32), expected[rank], rtol=2e-2, atol=2e-2)
+  buf.destroy()
+  return {"captured_in_command_buffer": bool(in_graph and captured),
+          "ranks": sorted(results["plain"])}
+
+
+def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64, command_buffers=False):
   """Rank 0 dispatches while the other ranks never do: rank 0 must fail, not hang."""
   import faulthandler
   import os
@@ -302,7 +447,7 @@ def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
   args = (_to_global(mesh, xs), _to_global(mesh, idxs))
   # Every process compiles (XLA may share autotuning across processes, which
   # makes compilation collective); only rank 0 runs.
-  compiled = fn.lower(*args).compile()
+  compiled = fn.lower(*args).compile(_command_buffer_options(command_buffers))
   faulthandler.dump_traceback_later(60, exit=True)  # a hang shows its stack
   if rank != 0:
     time.sleep(timeout_s * 5)
@@ -315,13 +460,18 @@ def check_timeout(rank, num_ranks, *, timeout_s=2.0, hidden=64):
   return {"rank": rank, "unexpected": "dispatch returned"}
 
 
-def check_cuda_vs_xla(rank, num_ranks, *, seed=0, num_tokens=128, hidden=512,
+def check_cuda_vs_xla(process, num_processes, *, seed=0, num_tokens=128, hidden=512,
                       num_topk=8, num_experts=32):
-  """Both backends on the same inputs, every output compared (one process, R=1)."""
+  """Both backends on the same inputs, every output compared bit for bit.
+
+  Needs XLA's collectives for the xla backend: one process (driving every
+  local GPU), not ranks emulated on one GPU.
+  """
   import jax_ep
-  assert num_ranks == 1, "the xla backend needs XLA collectives across processes"
+  assert num_processes == 1, "the xla backend needs XLA collectives across the ranks"
   mesh = _global_mesh()
-  xs, idxs, ws, ys, _ = make_case(seed, 1, num_tokens, hidden, num_topk, num_experts,
+  R = mesh.size
+  xs, idxs, ws, ys, _ = make_case(seed, R, num_tokens, hidden, num_topk, num_experts,
                                   dtype="bfloat16")
   results = {}
   for backend in ("cuda", "xla"):
@@ -342,7 +492,7 @@ def check_cuda_vs_xla(rank, num_ranks, *, seed=0, num_tokens=128, hidden=512,
     buf.destroy()
   for a, b in zip(results["cuda"], results["xla"]):
     np.testing.assert_array_equal(a, b)
-  return {"rank": rank, "compared": len(results["cuda"])}
+  return {"num_ranks": R, "compared": len(results["cuda"])}
 
 
 def describe_rank(rank, num_ranks, *, fail_on_rank=None):

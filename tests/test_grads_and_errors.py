@@ -116,6 +116,9 @@ def test_errors_name_the_argument():
     jax_ep.Buffer(mesh, "ep", backend="nccl")
   with pytest.raises(TypeError, match="mesh must be"):
     jax_ep.Buffer(jax.devices(), "ep")
+  for bad in (0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+      jax_ep.Buffer(mesh, "ep", timeout_s=bad)
 
   def expect(exc, match, fn, *arrays):
     with pytest.raises(exc, match=match):
@@ -183,9 +186,20 @@ def test_out_of_range_ids_are_ignored_like_minus_one():
       np.testing.assert_array_equal(u, v)
 
 
+def _v1_buffer_bytes(N, H, R, K, itemsize, M):
+  """The first design's buffer: every row staged, self included (for comparison)."""
+  def align(v):
+    return (v + 127) // 128 * 128
+  row = H * itemsize
+  dispatch = align(align(align(align(align(M * row) + M * K * 4) + M * K * 4) + M * 4) + M * 4)
+  combine = align(align(R * N * row) + R * N * K * 4)
+  return 4096 + max(dispatch, combine)
+
+
 def test_buffer_size_hint_matches_the_documented_layout():
-  # docs/design.md: 4096-byte header + max(dispatch part, combine part), every
-  # sub-array starting on a 128-byte boundary. Recomputed here independently.
+  # docs/design.md / ffi/buffer_layout.h: a 4096-byte header, u64 row flags,
+  # then the dispatch part or the combine part, every region on a 128-byte
+  # boundary; only the header with one rank. Recomputed here independently.
   def align(v):
     return (v + 127) // 128 * 128
 
@@ -193,12 +207,21 @@ def test_buffer_size_hint_matches_the_documented_layout():
                                     (1, 8, 1, 1, 2, None), (100, 256, 4, 32, 4, 1000)]:
     M_ = M or N * R
     row = H * itemsize
-    dispatch = align(align(align(align(align(M_ * row) + M_ * K * 4) + M_ * K * 4)
-                           + M_ * 4) + M_ * 4)
-    combine = align(align(R * N * row) + R * N * K * 4)
+    flags = align(8 * max(M_, (R - 1) * N))
+    dispatch = 4096 + flags + align(M_ * row) + align(M_ * 2 * K * 4)
+    combine = 4096 + flags + align((R - 1) * N * row) + align((R - 1) * N * K * 4)
+    expected = 4096 if R == 1 else max(dispatch, combine)
     dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
     got = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, dtype, num_worst_tokens=M)
-    assert got == 4096 + max(dispatch, combine), (N, H, R, K, itemsize, M)
+    assert got == expected, (N, H, R, K, itemsize, M)
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+def test_buffer_no_larger_than_v1_at_the_deepep_shape(R):
+  # Issue 9: the v2 data path must not need a larger buffer than v1 did.
+  N, H, K = 4096, 7168, 8
+  got = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16)
+  assert got <= _v1_buffer_bytes(N, H, R, K, 2, N * R)
 
 
 def test_cuda_backend_needs_nvidia_gpus():
