@@ -1,4 +1,4 @@
-"""``python -m jax_ep.bench``: dispatch and combine timings, every backend side by side.
+"""``python -m jax_ep.bench``: dispatch and combine timings, backends side by side.
 
 Shapes: DeepEP's (4096 tokens per rank, hidden 7168, top-8, 256 experts) and a
 small one (128 tokens per rank). GB/s is counted as DeepEP counts it: bytes of
@@ -7,14 +7,26 @@ token rows a rank sends to *other* ranks (dispatch) or receives back from them
 so the table then gives the HBM traffic of our local kernels instead, next to
 the measured device-to-device copy bandwidth (read + write counted).
 
-Timing: each op runs ``iters`` times back to back inside one jitted program
-(see ``time_backend``: optimization barriers keep XLA from hoisting, merging
-or trimming any call); the program is timed with the host clock after a warm-up run, and the
-median of ``reps`` runs divided by ``iters`` is reported. Kernels are enqueued
-asynchronously, so host overhead is amortised over the ``iters`` calls.
+Process models (every row says which): ``one`` (default: this process drives
+every local device), ``per-gpu`` (``--ranks N --gpus G``: N processes, process
+r on GPU r % G) and ``emulated`` (``--ranks N``: N processes sharing GPU 0,
+which says nothing about NVLink).
 
-``--ranks N`` runs N processes on one machine as N ranks (``jax_ep.multiprocess``);
-on one GPU that emulates N ranks and says nothing about NVLink.
+Timing: each op runs ``iters`` times back to back inside one jitted program,
+each call on its own input made on the device beforehand, its whole output
+kept (see ``time_backend``), so XLA can neither merge, hoist nor trim a call.
+On GPUs the program reads the device clock (``jax_ep_clock``, %globaltimer)
+after its setup and after the last call: the time is device time, taken
+after two warm-up runs, the slowest rank's, median of ``reps`` runs, divided by
+``iters``. Each call takes the previous call's result through an optimization
+barrier, so XLA cannot fuse independent calls into one kernel (it did: the
+xla backend's layout and small-batch ops looked several times faster before).
+Elsewhere the host clock around the whole program is used (cached dispatch and
+combine then include their setup dispatch).
+
+On machines with several GPUs the copy-engine bandwidth between each pair of
+GPUs (both directions at once, 1 GiB each way) is measured first: the ``p2p``
+figure the GB/s columns are compared with.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
     "deepep": (4096, 7168, 8, 256),
     "small": (128, 7168, 8, 256),
 }
+OPS = ("layout", "dispatch", "cached_dispatch", "combine")
 
 
 def crossing_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> float:
@@ -41,22 +54,20 @@ def crossing_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> fl
   return rows * row_bytes / len(masks)
 
 
-def _median_seconds(fn, args, reps):
-  import numpy as np
-  import jax
-  run = lambda: jax.block_until_ready(fn(*args))
-  run()  # compile + warm up
-  run()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def p2p_bandwidths(num_gpus: int) -> dict:
+  """Copy-engine GB/s each way for every pair of GPUs ("0-1": 393.0)."""
+  from jax_ep import _ext
+  c = _ext.load()
+  out = {}
+  for a in range(num_gpus):
+    for b in range(a + 1, num_gpus):
+      out[f"{a}-{b}"] = round(float(c.p2p_bandwidth(a, b, 1 << 30, 10)), 1)
+  return out
 
 
 def copy_bandwidth(device=None, num_bytes=1 << 30, iters=20, reps=7) -> float:
   """Device-to-device streaming bandwidth in GB/s, bytes read + written counted."""
+  import numpy as np
   import jax
   import jax.numpy as jnp
   from jax import lax
@@ -68,13 +79,24 @@ def copy_bandwidth(device=None, num_bytes=1 << 30, iters=20, reps=7) -> float:
       x = lax.optimization_barrier(x + jnp.bfloat16(1))
     return x[:1]
 
-  t = _median_seconds(run, (x,), reps) / iters
-  return 2 * num_bytes / t / 1e9
+  jax.block_until_ready(run(x))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * num_bytes / (float(np.median(times)) / iters) / 1e9
+
+
+def _uses_device_clock(mesh) -> bool:
+  from jax_ep import _ext
+  return _ext.has_cuda() and all(d.platform == "gpu" for d in mesh.devices.flat)
 
 
 def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
-                 iters=20, reps=7, seed=0, to_global=None):
-  """Per-op seconds for layout, dispatch, cached dispatch and combine on ``mesh``."""
+                 iters=20, reps=7, seed=0, to_global=None, num_sms=None):
+  """Per-op seconds (lists, one entry per timed run) for layout, dispatch,
+  cached dispatch and combine on ``mesh``, for the ranks this process holds."""
   import numpy as np
   import jax
   import jax.numpy as jnp
@@ -87,27 +109,25 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   N, H, K, E = num_tokens, hidden, num_topk, num_experts
   nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16)
             if backend == "cuda" else None)
-  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
   rng = np.random.default_rng(seed)
-  xs = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
   idxs = [ept.random_routing(rng, N, K, E, none_fraction=0.0, invalid_fraction=0.0)
           for _ in range(R)]
   ws = [rng.random((N, K)).astype(np.float32) for _ in range(R)]
   to_global = to_global or (lambda m, a: ept.stack_per_rank(m, a)[0])
-  args = [to_global(mesh, a) for a in (xs, idxs, ws)]
+  args = [to_global(mesh, a) for a in (idxs, ws)]
   shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
-
-  # `iters` calls per program, each on its own input (made on the device
-  # beforehand), so XLA can neither merge nor hoist them and no extra work is
-  # timed; each output goes whole through an optimization barrier before one
-  # element of it is returned, so nothing is dead and no op is trimmed to the
-  # element read. (Chaining the calls through their outputs instead made XLA
-  # add a full copy per call, or merge calls: both seen in ncu's counts.)
   keep = lax.optimization_barrier
-  cap = N * R
+  device_clock = _uses_device_clock(mesh)
+  if device_clock:
+    from jax_ep.backends.cuda import device_clock as clock
+
+  def stamp(after):
+    t = clock(after)
+    return lax.pcast(t, ("ep",), to="varying")
 
   def probe(out):
-    return jax.tree_util.tree_leaves(keep(out))[0].reshape(-1)[0].astype(jnp.float32)
+    return keep(jax.tree_util.tree_leaves(out))[0].reshape(-1)[0].astype(jnp.float32)
 
   def fresh(shape, salt):
     """[R, ...] bf16 normal arrays, one per rank, generated on the devices."""
@@ -118,103 +138,163 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     keys = to_global(mesh, [np.asarray(jax.random.key_data(k)) for k in keys])
     return shard(lambda k: make(jax.random.wrap_key_data(k)))(keys)
 
-  inputs_x = [fresh((N, H), k) for k in range(iters)]
-  inputs_y = [fresh((cap, H), 1000 + k) for k in range(iters)]
+  cap = N * R
+  x0 = fresh((N, H), 999)
+  inputs = {"layout": [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)],
+            "dispatch": [fresh((N, H), k) for k in range(iters)],
+            "combine": [fresh((cap, H), 1000 + k) for k in range(iters)]}
+  inputs["cached_dispatch"] = inputs["dispatch"]
 
-  inputs_idx = [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)]
+  def setup(x, idx):
+    return buf.dispatch(x[0], topk_idx=idx[0], num_experts=E)[4]
 
-  def layout_loop(x, idx, w, *idx_variants):
-    return jnp.stack([probe(buf.get_dispatch_layout(i[0], E))
-                      for i in idx_variants]).sum()[None]
+  work = {
+      "layout": lambda v, idx, w, h, layout: buf.get_dispatch_layout(v, E),
+      "dispatch": lambda v, idx, w, h, layout: buf.dispatch(
+          v, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout),
+      "cached_dispatch": lambda v, idx, w, h, layout: buf.dispatch(v, handle=h)[0],
+      "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
+  }
 
-  def dispatch_loop(x, idx, w, *xs):
-    layout = buf.get_dispatch_layout(idx[0], E)
-    return jnp.stack([probe(buf.dispatch(v[0], topk_idx=idx[0], topk_weights=w[0],
-                                         num_experts=E, layout=layout))
-                      for v in xs]).sum()[None]
-
-  def setup_handle(x, idx):
-    return buf.dispatch(x[0].astype(jnp.bfloat16), topk_idx=idx[0], num_experts=E)[4]
-
-  def cached_loop(x, idx, w, *xs):
-    h = setup_handle(x, idx)
-    return jnp.stack([probe(buf.dispatch(v[0], handle=h)[0]) for v in xs]).sum()[None]
-
-  def combine_loop(x, idx, w, *ys):
-    h = setup_handle(x, idx)
-    return jnp.stack([probe(buf.combine(y[0], h)[0]) for y in ys]).sum()[None]
+  def program(op):
+    # setup -> clock -> `iters` calls, each on its own input -> clock.
+    def f(x, idx, w, *vs):
+      h = setup(x, idx) if op in ("cached_dispatch", "combine") else None
+      layout = buf.get_dispatch_layout(idx[0], E) if op == "dispatch" else None
+      ready = jnp.zeros((), jnp.float32) if h is None else h.send_pos[0, 0].astype(jnp.float32)
+      if layout is not None:
+        ready = ready + layout.num_tokens_per_rank[0].astype(jnp.float32)
+      t0 = stamp(ready) if device_clock else ready
+      # Each call waits for the previous one's result (through a barrier, no
+      # copy), so XLA cannot fuse the independent calls into one kernel.
+      probes, prev = [], t0
+      for v in vs:
+        prev, v = keep((prev, v))
+        prev = probe(work[op](v[0], idx[0], w[0], h, layout))
+        probes.append(prev)
+      total = jnp.stack(probes).sum()
+      if not device_clock:
+        return total[None]
+      return jnp.stack([t0, stamp(total)])[None]
+    return shard(f)
 
   res = {}
-  for name, f, extra in (("layout", layout_loop, inputs_idx),
-                         ("dispatch", dispatch_loop, inputs_x),
-                         ("cached_dispatch", cached_loop, inputs_x),
-                         ("combine", combine_loop, inputs_y)):
-    res[name] = _median_seconds(shard(f), args + extra, reps) / iters
-  # cached/combine programs also run one setup dispatch: subtract a program
-  # that runs only that.
-  base = _median_seconds(shard(lambda x, idx, w: probe(setup_handle(x, idx))[None]),
-                         args, reps)
-  for name in ("cached_dispatch", "combine"):
-    res[name] = max(res[name] - base / iters, 0.0)
+  for op in OPS:
+    fn = program(op)
+    call = lambda: fn(x0, *args, *inputs[op])
+    jax.block_until_ready(call())  # compile + warm up
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      out = jax.block_until_ready(call())
+      host = time.perf_counter() - t
+      if device_clock:
+        stamps = ept._local_ranks(out)
+        host = max(int(s[1]) - int(s[0]) for s in stamps.values()) * 1e-9
+      times.append(host / iters)
+    res[op] = times
   res["crossing_bytes"] = crossing_bytes_per_rank(
       [ept.reference_layout(i, E, R)[2] for i in idxs], H * 2)
   # HBM traffic when every token stays here (R = 1): the cuda backend's local
   # path reads each row once and writes it once (the xla backend's gather too).
   res["local_bytes"] = 2 * N * H * 2 if R == 1 else None
+  res["clock"] = "device" if device_clock else "host"
+  res["num_sms"] = getattr(buf._backend, "num_sms", None)  # the value in effect
   buf.destroy()
   return res
 
 
-def rank_bench(rank, num_ranks, shapes, iters, reps):
-  """One rank of a multi-process benchmark (cuda backend only: no XLA collectives)."""
+def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list):
+  """One process of a multi-process benchmark: every backend on the global mesh."""
+  import jax
   from jax_ep import testing as ept
   mesh = ept._global_mesh()
-  out = {}
+  out = {"device_kind": jax.devices()[0].device_kind, "num_ranks": mesh.size, "runs": []}
   for s in shapes:
-    out[s] = time_backend(mesh, "cuda", *SHAPES[s], iters=iters, reps=reps,
-                          to_global=ept._to_global)
+    for b, num_sms in _configs(backends, num_sms_list):
+      res = time_backend(mesh, b, *SHAPES[s], iters=iters, reps=reps,
+                         to_global=ept._to_global, num_sms=num_sms)
+      out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "res": res})
   return out
 
 
-def _row(backend, ranks, shape, res, copy_gbps):
-  n, h, k, e = SHAPES[shape]
-  cells = [backend, str(ranks), shape, f"{n}x{h} top{k} E{e}"]
-  for op in ("layout", "dispatch", "cached_dispatch", "combine"):
-    cells.append(f"{res[op] * 1e6:.1f}")
+def _configs(backends, num_sms_list):
+  for b in backends:
+    for n in (num_sms_list if b == "cuda" else [None]):
+      yield b, n
+
+
+def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps):
+  """One results.json row from per-op lists of per-run seconds (already merged)."""
+  import numpy as np
+  med = {op: float(np.median(times[op])) for op in OPS}
+  row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
+         "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
+  for op in OPS:
+    row[f"{'cached' if op == 'cached_dispatch' else op}_us"] = round(med[op] * 1e6, 2)
   if ranks > 1:
     gb = res["crossing_bytes"] / 1e9
-    cells += [f"{gb / res['dispatch']:.1f}", f"{gb / res['combine']:.1f}", "crossing"]
+    row["gbps_of"] = "crossing"
   else:
     gb = res["local_bytes"] / 1e9
-    cells += [f"{gb / res['dispatch']:.0f}", f"{gb / res['combine']:.0f}",
-              f"HBM (copy {copy_gbps:.0f})" if copy_gbps else "HBM"]
-  return cells
+    row["gbps_of"] = "hbm"
+    row["copy_gbps"] = round(copy_gbps, 1) if copy_gbps else None
+  row["dispatch_gbps"] = round(gb / med["dispatch"], 1)
+  row["cached_gbps"] = round(gb / med["cached_dispatch"], 1)
+  row["combine_gbps"] = round(gb / med["combine"], 1)
+  return row
+
+
+def _merge(runs):
+  """Per-op per-run seconds of several processes -> the slowest process per run."""
+  import numpy as np
+  return {op: list(np.max(np.array([r[op] for r in runs]), axis=0)) for op in OPS}
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__)
+  ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default="deepep,small")
   ap.add_argument("--backends", default="all", help="comma list of xla,cuda or all")
   ap.add_argument("--ranks", type=int, default=0,
-                  help="N > 0: N processes as N ranks (cuda backend); 0: all local devices")
+                  help="N > 0: N processes as N ranks; 0: this process, all local devices")
+  ap.add_argument("--gpus", type=int, default=0,
+                  help="with --ranks: G > 0 puts process r on GPU r %% G; 0: all on GPU 0")
+  ap.add_argument("--num-sms", default="",
+                  help="comma list of num_sms values for the cuda backend (default: its default)")
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--out", default="", help="folder for results.json and bench.png")
   args = ap.parse_args(argv)
   shapes = args.shapes.split(",")
+  num_sms_list = [int(v) for v in args.num_sms.split(",") if v] or [None]
+  from jax_ep import _ext
+  c = _ext.load()
+  num_gpus = c.cuda_device_count() if c is not None and _ext.has_cuda() else 0
+
+  # Before anything else takes GPU memory.
+  p2p = p2p_bandwidths(num_gpus) if num_gpus > 1 else {}
+  if p2p:
+    print("p2p copy-engine GB/s each way (both directions at once, 1 GiB): " +
+          ", ".join(f"GPU {k}: {v}" for k, v in p2p.items()), flush=True)
 
   rows = []
   if args.ranks:
     from jax_ep.multiprocess import launch
+    processes = "per-gpu" if args.gpus else "emulated"
+    backends = (["cuda"] if args.backends == "all" and processes == "emulated" else
+                ["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
     env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
-    res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=550,
-                 kwargs=dict(shapes=shapes, iters=args.iters, reps=args.reps))
-    for s in shapes:
-      worst = {op: max(r[s][op] for r in res) for op in
-               ("layout", "dispatch", "cached_dispatch", "combine")}
-      worst["crossing_bytes"] = res[0][s]["crossing_bytes"]
-      rows.append(_row("cuda", args.ranks, s, worst, None))
-    device = "emulated ranks on one device"
+    res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=580, gpus=args.gpus,
+                 kwargs=dict(shapes=shapes, backends=backends, iters=args.iters,
+                             reps=args.reps, num_sms_list=num_sms_list))
+    for k, run in enumerate(res[0]["runs"]):
+      times = _merge([r["runs"][k]["res"] for r in res])
+      rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
+                       times, run["res"], None))
+    gpus_used = min(args.gpus, args.ranks) if args.gpus else 1
+    device = f"{gpus_used} x {res[0]['device_kind']}"
   else:
     import numpy as np
     import jax
@@ -227,24 +307,35 @@ def main(argv=None) -> int:
       backends.remove("cuda")
     copy_gbps = copy_bandwidth(devices[0]) if devices[0].platform == "gpu" else None
     for s in shapes:
-      for b in backends:
-        rows.append(_row(b, len(devices), s, time_backend(
-            mesh, b, *SHAPES[s], iters=args.iters, reps=args.reps), copy_gbps))
+      for b, num_sms in _configs(backends, num_sms_list):
+        res = time_backend(mesh, b, *SHAPES[s], iters=args.iters, reps=args.reps,
+                           num_sms=num_sms)
+        rows.append(_row(b, len(devices), "one", s, num_sms, res, res, copy_gbps))
+        print(_table([rows[-1]], header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"
 
-  header = ["backend", "ranks", "shape", "size", "layout us", "dispatch us",
-            "cached us", "combine us", "dispatch GB/s", "combine GB/s", "GB/s of"]
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  print(f"jax_ep.bench on {device}")
-  print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
-  for r in rows:
-    print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))
+  p2p_gbps = min(p2p.values()) if p2p else None
+  print(f"jax_ep.bench on {device}" + (f", p2p {p2p_gbps} GB/s" if p2p_gbps else ""))
+  print(_table(rows))
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-      json.dump({"device": device, "header": header, "rows": rows}, f, indent=1)
+      json.dump({"device": device, "p2p_gbps": p2p_gbps, "p2p_pairs": p2p, "rows": rows}, f,
+                indent=1)
     _plot(rows, device, os.path.join(args.out, "bench.png"))
   return 0
+
+
+COLUMNS = ("backend", "num_sms", "ranks", "processes", "shape", "layout_us", "dispatch_us",
+           "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of")
+
+
+def _table(rows, header=True):
+  cells = [[("" if r.get(c) is None else str(r.get(c))) for c in COLUMNS] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
+  lines = [" | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))] if header else []
+  lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+  return "\n".join(lines)
 
 
 def _plot(rows, device, path):
@@ -255,12 +346,14 @@ def _plot(rows, device, path):
   except ImportError:
     print("matplotlib missing: no plot")
     return
-  labels = [f"{r[0]} R{r[1]}\n{r[2]}" for r in rows]
-  fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+  labels = [f"{r['backend']}{'' if r['num_sms'] is None else ' ' + str(r['num_sms']) + 'SM'}"
+            f"\nR{r['ranks']} {r['processes']}\n{r['shape']}" for r in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
   xs = range(len(rows))
-  ax.bar([x - 0.2 for x in xs], [float(r[5]) for r in rows], 0.4, label="dispatch")
-  ax.bar([x + 0.2 for x in xs], [float(r[7]) for r in rows], 0.4, label="combine")
-  ax.set_xticks(list(xs), labels, fontsize=8)
+  ax.bar([x - 0.2 for x in xs], [r["dispatch_us"] for r in rows], 0.4, label="dispatch")
+  ax.bar([x + 0.2 for x in xs], [r["combine_us"] for r in rows], 0.4, label="combine")
+  ax.set_xticks(list(xs), labels, fontsize=7)
+  ax.set_yscale("log")
   ax.set_ylabel("microseconds per op (lower is better)")
   ax.set_title(f"jax_ep on {device}")
   ax.legend()

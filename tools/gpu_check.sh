@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Build jax_ep on a GPU machine, run the GPU tests and the benchmark, print a table last.
-# Usage: tools/gpu_check.sh [build] [timeout] [kernels] [timeout-mps] [tests] [bench] [bench-ranks]
-# (default: all but timeout-mps)
+# Usage: tools/gpu_check.sh [stage ...]   (default: build faults tests bench sanitizer)
+# Stages:
+#   build      pip install --no-build-isolation -e . (against the machine's jax)
+#   faults     tests that make kernels trap (timeouts, ranks disagreeing, stale
+#              layout, use after destroy): run without MPS, where a trap takes
+#              down the MPS clients
+#   tests      the rest of the GPU suite in every process model the machine
+#              allows (emulated ranks under MPS; one process and one process
+#              per GPU when two or more GPUs are visible)
+#   bench      python -m jax_ep.bench --out $OUT (one process, every GPU)
+#   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
+#   sanitizer  compute-sanitizer memcheck of the main job over every GPU (0 errors)
+#   kernels    per-kernel device times at R = 1 (ncu)
 # Logs go to $OUT (the device tool's return folder) or /tmp/jax_ep_gpu_check.
+# Env: PYTEST_K (extra -k filter for tests), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_gpu_check}
 mkdir -p "$OUT"
-stages=${*:-build timeout tests bench kernels bench-ranks}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
+stages=${*:-build faults tests bench sanitizer}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 PY=${PYTHON:-python3}
+NGPU=$(nvidia-smi -L | wc -l)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
+FAULT_TESTS="timeout or different_ops or stale_layout or after_destroy"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+[ "$NGPU" -gt 1 ] && nvidia-smi topo -m | head -$((NGPU + 1)) | tee -a "$OUT/card.txt"
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if has build; then
@@ -25,55 +40,66 @@ if has build; then
   $PY -c "import jax_ep; print(jax_ep.build_info())"
 fi
 
-# The timeout test runs before MPS starts (a trapped kernel takes down the MPS
-# client; stage timeout-mps checks what happens there, for information).
-if has timeout; then
-  echo "=== timeout test (no MPS)"
-  timeout 200 $PY -m pytest -q -rs tests/gpu -k timeout 2>&1 | tee "$OUT/gpu_timeout.log" | tail -30
+if has faults; then
+  echo "=== fault tests (no MPS)"
+  timeout 420 $PY -m pytest -q -rs tests/gpu -k "$FAULT_TESTS" 2>&1 | tee "$OUT/gpu_faults.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
 if has kernels; then
-  echo "=== per-kernel device times (no MPS: ncu cannot attach to MPS clients) at R = 1, DeepEP shape (ncu)"
+  echo "=== per-kernel device times at R = 1, DeepEP shape (ncu; no MPS)"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  echo "ncu: ${NCU:-not found}"
-  JAX_PLATFORMS=cuda timeout 300 "${NCU:-ncu}" --clock-control none --metrics gpu__time_duration.sum --csv \
-    -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' \
+  CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda timeout 300 "${NCU:-ncu}" --clock-control none \
+    --metrics gpu__time_duration.sum --csv -k regex:'(Dispatch|Cached|Combine|Layout|Scan)' \
     $PY -m jax_ep.bench --shapes deepep --backends cuda --iters 3 --reps 1 >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
-  copy=$(JAX_PLATFORMS=cuda $PY -c "from jax_ep.bench import copy_bandwidth; print(round(copy_bandwidth()))" 2>/dev/null || echo 0)
+  copy=$(CUDA_VISIBLE_DEVICES=0 JAX_PLATFORMS=cuda $PY -c "from jax_ep.bench import copy_bandwidth; print(round(copy_bandwidth()))" 2>/dev/null || echo 0)
   echo "device-to-device copy: $copy GB/s (read + write)"
   $PY tools/kernel_times.py "$OUT/ncu.csv" --copy-gbps "${copy:-0}" | tee "$OUT/kernels.txt" \
     || { tail -5 "$OUT/ncu.csv"; tail -15 "$OUT/ncu.err"; }
 fi
 
-# MPS lets the emulated ranks' kernels run concurrently on the one GPU.
+if has sanitizer; then
+  echo "=== compute-sanitizer memcheck, main job on every GPU"
+  SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+  JAX_PLATFORMS=cuda timeout 400 "${SAN:-compute-sanitizer}" --tool memcheck --report-api-errors no \
+    --target-processes all $PY -m jax_ep --backend cuda --iters 2 >"$OUT/sanitizer.log" 2>&1
+  san=$?
+  tail -8 "$OUT/sanitizer.log"
+  grep -q "ERROR SUMMARY: 0 errors" "$OUT/sanitizer.log" && [ "$san" = 0 ] || { echo "sanitizer: errors or failure"; status=1; }
+fi
+
+# MPS lets the emulated ranks' kernels run concurrently on one GPU.
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/jax_ep_mps CUDA_MPS_LOG_DIRECTORY=/tmp/jax_ep_mps_log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
 
-if has timeout-mps; then
-  echo "=== timeout test under MPS (information only)"
-  timeout 200 $PY -m pytest -q -rs tests/gpu -k timeout 2>&1 | tail -15
-fi
 if has tests; then
-  echo "=== GPU tests"
-  timeout 420 $PY -m pytest -q -rs tests/gpu -k "not timeout" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  echo "=== GPU tests ($NGPU GPU(s); every process model available)"
+  K="not ($FAULT_TESTS)"
+  [ -n "${PYTEST_K:-}" ] && K="$K and ($PYTEST_K)"
+  timeout 560 $PY -m pytest -q -rs tests/gpu -k "$K" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if has bench; then
-  echo "=== bench (all local devices)"
-  JAX_PLATFORMS=cuda timeout 300 $PY -m jax_ep.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -12
+  echo "=== bench (one process, every GPU)"
+  JAX_PLATFORMS=cuda timeout 560 $PY -m jax_ep.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -16
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
-if has bench-ranks; then
-  for r in ${BENCH_RANKS:-2 8}; do
-    echo "=== bench, $r emulated ranks on one GPU"
-    timeout 300 $PY -m jax_ep.bench --ranks "$r" --iters 5 --reps 5 2>&1 \
-      | tee "$OUT/bench_ranks$r.log" | tail -6
+if has bench-pergpu && [ "$NGPU" -gt 1 ]; then
+  echo "=== bench, one process per GPU"
+  timeout 560 $PY -m jax_ep.bench --ranks "$NGPU" --gpus "$NGPU" --out "$OUT/pergpu" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_pergpu.log" | tail -10
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench-emulated; then
+  for r in ${BENCH_RANKS:-2}; do
+    echo "=== bench, $r ranks emulated on GPU 0 (MPS)"
+    timeout 400 $PY -m jax_ep.bench --ranks "$r" --iters 5 --reps 5 --out "$OUT/emulated$r" 2>&1 \
+      | tee "$OUT/bench_emulated$r.log" | tail -6
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
 fi
 echo "=== summary"
-grep -h -E "passed|failed|error" "$OUT/gpu_timeout.log" "$OUT/gpu_tests.log" 2>/dev/null | tail -3
-cat "$OUT"/bench.log 2>/dev/null | tail -6
+grep -h -E "passed|failed|error" "$OUT"/gpu_*.log 2>/dev/null | tail -4
+tail -12 "$OUT"/bench.log 2>/dev/null
 exit $status

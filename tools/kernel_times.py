@@ -1,7 +1,7 @@
 """Summarise an ncu CSV (metric gpu__time_duration.sum) per kernel: median device time.
 
     ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-        -k regex:'^(Dispatch|Cached|Combine|Layout|Barrier)' CMD > ncu.csv
+        -k regex:'(Dispatch|Cached|Combine|Layout|Scan)' CMD > ncu.csv
     python3 tools/kernel_times.py ncu.csv --tokens 4096 --hidden 7168
 """
 import argparse
@@ -38,7 +38,7 @@ def main(argv=None):
   print(f"{'kernel':<28} {'calls':>5} {'median us':>10} {'GB/s (R=1 copy)':>16}")
   for name, ts in sorted(times.items()):
     med = statistics.median(ts)
-    copy_like = any(k in name for k in ("CopyOut", "Reduce", "Send", "Push", "Local"))
+    copy_like = not any(k in name for k in ("Layout", "Scan", "Clock"))
     gbps = f"{moved / (med * 1e-6) / 1e9:.0f}" if copy_like else ""
     if gbps and args.copy_gbps:
       gbps += f" ({100 * float(gbps) / args.copy_gbps:.0f}% of copy)"
