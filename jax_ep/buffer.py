@@ -144,7 +144,8 @@ class Buffer:
       topk_weights: ``[N, K]`` float32 or None.
       num_experts: E, static, divisible by R.
       layout: the result of ``get_dispatch_layout`` for ``topk_idx``, or None
-        to compute it here.
+        (the backend derives the routing itself). The cuda backend checks a
+        given layout against ``topk_idx`` and stops the job on a mismatch.
       num_worst_tokens: static receive capacity M; default ``N * R`` (never
         overflows). Tokens beyond M rows are dropped: see
         ``handle.num_dropped_tokens`` and ``jax_ep.check_no_dropped_tokens``.
