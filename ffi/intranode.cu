@@ -75,16 +75,6 @@ struct FlagEntry {
 // ---------------------------------------------------------------------------
 // Small device helpers.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t LoadAcquireGpuU32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void StoreReleaseGpuU32(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 __device__ __forceinline__ uint64_t FlagValue(uint32_t seq, int64_t low) {
   return (static_cast<uint64_t>(seq) << 32) | static_cast<uint32_t>(low);
 }

@@ -21,16 +21,6 @@ constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 264;
 constexpr int64_t kMaxHistSmemBytes = 48 * 1024;
 
-__device__ __forceinline__ uint32_t LoadAcquireGpuU32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void StoreReleaseGpuU32(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 __global__ void __launch_bounds__(kThreads)
     LayoutKernel(const int32_t* __restrict__ topk_idx, int64_t num_tokens, int num_topk,
                  int num_experts, int num_ranks, int32_t* __restrict__ tokens_per_rank,
