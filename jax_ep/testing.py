@@ -6,8 +6,13 @@
   tokens (no shared code with any backend).
 - ``run_per_rank``: run a per-rank function under ``jit(shard_map)`` on stacked
   per-rank inputs and get per-rank NumPy outputs back.
-- ``launch_ranks``: run N JAX processes as N ranks of one mesh (used to test the
-  CUDA backend on one GPU; see ``jax_ep/multiprocess.py``).
+- ``check_*``: checks that run in every process of a job started by
+  ``jax_ep.multiprocess.launch`` (or in one process driving every GPU) and
+  cover the ranks that process holds: the whole contract against the
+  reference (``check_contract``), cuda against xla bit for bit, command
+  buffers, and the failures that must stop a job rather than hang or corrupt
+  it (a timeout, ranks running different ops, a stale layout, use after
+  ``destroy()``).
 """
 from __future__ import annotations
 
