@@ -7,6 +7,12 @@ token rows a rank sends to *other* ranks (dispatch) or receives back from them
 so the table then gives the HBM traffic of our local kernels instead, next to
 the measured device-to-device copy bandwidth (read + write counted).
 
+Backends: ``xla`` (padded ``lax.all_to_all``), ``cuda`` (ours) and ``ragged``
+(``lax.ragged_all_to_all``, the way a JAX user would write it; in the
+one-process model it runs in a child process with a time limit, since XLA's
+ragged collective has hung before). A backend that fails gives a row with a
+``note`` saying why instead of numbers.
+
 Process models (every row says which): ``one`` (default: this process drives
 every local device), ``per-gpu`` (``--ranks N --gpus G``: N processes, process
 r on GPU r % G) and ``emulated`` (``--ranks N``: N processes sharing GPU 0,
@@ -205,6 +211,15 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   return res
 
 
+def _attempt(mesh, backend, shape, **kwargs):
+  """time_backend, or {"error": why} when the backend cannot run here."""
+  try:
+    return time_backend(mesh, backend, *SHAPES[shape], **kwargs)
+  except Exception as e:  # a row that says why beats no row
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return {"error": f"{type(e).__name__}: {first[:300]}"}
+
+
 def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list):
   """One process of a multi-process benchmark: every backend on the global mesh."""
   import jax
@@ -213,8 +228,8 @@ def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_li
   out = {"device_kind": jax.devices()[0].device_kind, "num_ranks": mesh.size, "runs": []}
   for s in shapes:
     for b, num_sms in _configs(backends, num_sms_list):
-      res = time_backend(mesh, b, *SHAPES[s], iters=iters, reps=reps,
-                         to_global=ept._to_global, num_sms=num_sms)
+      res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=ept._to_global,
+                     num_sms=num_sms)
       out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "res": res})
   return out
 
@@ -228,6 +243,13 @@ def _configs(backends, num_sms_list):
 def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps):
   """One results.json row from per-op lists of per-run seconds (already merged)."""
   import numpy as np
+  if "error" in res:
+    row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
+           "num_sms": num_sms, "note": res["error"]}
+    for key in ("layout_us", "dispatch_us", "cached_us", "combine_us", "dispatch_gbps",
+                "cached_gbps", "combine_gbps"):
+      row[key] = None
+    return row
   med = {op: float(np.median(times[op])) for op in OPS}
   row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
          "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
@@ -249,6 +271,9 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps):
 def _merge(runs):
   """Per-op per-run seconds of several processes -> the slowest process per run."""
   import numpy as np
+  failed = [r for r in runs if "error" in r]
+  if failed:
+    return failed[0]
   return {op: list(np.max(np.array([r[op] for r in runs]), axis=0)) for op in OPS}
 
 
@@ -256,7 +281,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default="deepep,small")
-  ap.add_argument("--backends", default="all", help="comma list of xla,cuda or all")
+  ap.add_argument("--backends", default="all", help="comma list of xla,cuda,ragged or all")
   ap.add_argument("--ranks", type=int, default=0,
                   help="N > 0: N processes as N ranks; 0: this process, all local devices")
   ap.add_argument("--gpus", type=int, default=0,
@@ -283,6 +308,7 @@ def main(argv=None) -> int:
   if args.ranks:
     from jax_ep.multiprocess import launch
     processes = "per-gpu" if args.gpus else "emulated"
+    # XLA's collectives cannot run ranks emulated on one GPU; ragged only on request.
     backends = (["cuda"] if args.backends == "all" and processes == "emulated" else
                 ["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
     env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
@@ -292,24 +318,32 @@ def main(argv=None) -> int:
     for k, run in enumerate(res[0]["runs"]):
       times = _merge([r["runs"][k]["res"] for r in res])
       rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
-                       times, run["res"], None))
+                       times, times if "error" in times else run["res"], None))
     gpus_used = min(args.gpus, args.ranks) if args.gpus else 1
     device = f"{gpus_used} x {res[0]['device_kind']}"
   else:
+    backends = (["xla", "cuda", "ragged"] if args.backends == "all"
+                 else args.backends.split(","))
+    # The ragged child runs before this process's XLA takes its share of the GPUs.
+    ragged = {}
+    if "ragged" in backends and num_gpus > 0 and os.environ.get("JAX_PLATFORMS") != "cpu":
+      ragged = {s: _ragged_in_child(s, args.iters, args.reps) for s in shapes}
     import numpy as np
     import jax
     from jax.sharding import Mesh
     import jax_ep
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("ep",))
-    backends = (["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
-    if "cuda" in backends and not (jax_ep.build_info()["cuda"] and devices[0].platform == "gpu"):
+    on_gpu = devices[0].platform == "gpu"
+    if "cuda" in backends and not (jax_ep.build_info()["cuda"] and on_gpu):
       backends.remove("cuda")
-    copy_gbps = copy_bandwidth(devices[0]) if devices[0].platform == "gpu" else None
+    copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
     for s in shapes:
       for b, num_sms in _configs(backends, num_sms_list):
-        res = time_backend(mesh, b, *SHAPES[s], iters=args.iters, reps=args.reps,
-                           num_sms=num_sms)
+        if b == "ragged" and s in ragged:
+          res = ragged[s]
+        else:
+          res = _attempt(mesh, b, s, iters=args.iters, reps=args.reps, num_sms=num_sms)
         rows.append(_row(b, len(devices), "one", s, num_sms, res, res, copy_gbps))
         print(_table([rows[-1]], header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"
@@ -326,12 +360,27 @@ def main(argv=None) -> int:
   return 0
 
 
+def _ragged_in_child(shape, iters, reps, timeout_s=300):
+  """The ragged backend timed in a child process driving every GPU, with a time limit."""
+  from jax_ep.multiprocess import RankFailure, launch
+  env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
+  try:
+    out = launch("jax_ep.bench:rank_bench", 1, gpus=-1, env=env, timeout_s=timeout_s,
+                 kwargs=dict(shapes=[shape], backends=["ragged"], iters=iters, reps=reps,
+                             num_sms_list=[None]))
+  except RankFailure as e:
+    why = "timed out" if "timed out" in str(e).splitlines()[0] else "failed"
+    return {"error": f"the child process {why} (limit {timeout_s} s)"}
+  return out[0]["runs"][0]["res"]
+
+
 COLUMNS = ("backend", "num_sms", "ranks", "processes", "shape", "layout_us", "dispatch_us",
-           "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of")
+           "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
+           "note")
 
 
 def _table(rows, header=True):
-  cells = [[("" if r.get(c) is None else str(r.get(c))) for c in COLUMNS] for r in rows]
+  cells = [[("" if r.get(c) is None else str(r.get(c))[:60]) for c in COLUMNS] for r in rows]
   widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
   lines = [" | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))] if header else []
   lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
@@ -350,8 +399,8 @@ def _plot(rows, device, path):
             f"\nR{r['ranks']} {r['processes']}\n{r['shape']}" for r in rows]
   fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
   xs = range(len(rows))
-  ax.bar([x - 0.2 for x in xs], [r["dispatch_us"] for r in rows], 0.4, label="dispatch")
-  ax.bar([x + 0.2 for x in xs], [r["combine_us"] for r in rows], 0.4, label="combine")
+  ax.bar([x - 0.2 for x in xs], [r["dispatch_us"] or 0 for r in rows], 0.4, label="dispatch")
+  ax.bar([x + 0.2 for x in xs], [r["combine_us"] or 0 for r in rows], 0.4, label="combine")
   ax.set_xticks(list(xs), labels, fontsize=7)
   ax.set_yscale("log")
   ax.set_ylabel("microseconds per op (lower is better)")

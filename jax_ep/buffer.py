@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax_ep import _ops
 from jax_ep.handles import DispatchHandle, DispatchLayout
 
-BACKENDS = ("auto", "xla", "cuda")
+BACKENDS = ("auto", "xla", "cuda", "ragged")
 
 
 def _mesh_is_nvidia_gpu(mesh) -> bool:
@@ -31,8 +31,10 @@ class Buffer:
       ``axis_name``.
     axis_name: the expert-parallel axis; its size is the number of ranks R.
     backend: ``"xla"`` (portable ``lax.all_to_all``), ``"cuda"`` (our kernels
-      over NVLink peer memory) or ``"auto"`` (``"cuda"`` when the mesh devices
-      are NVIDIA GPUs and the extension was built with CUDA, else ``"xla"``).
+      over NVLink peer memory), ``"auto"`` (``"cuda"`` when the mesh devices
+      are NVIDIA GPUs and the extension was built with CUDA, else ``"xla"``),
+      or ``"ragged"`` (a ``lax.ragged_all_to_all`` baseline for benchmarks;
+      not on CPU, where XLA lacks that collective).
     num_nvl_bytes: size of the CUDA communication buffer per GPU; default
       ``256 MiB``. ``Buffer.get_buffer_size_hint`` tells what a shape needs. A
       call that needs more raises a ValueError at trace time.
@@ -71,6 +73,9 @@ class Buffer:
     if backend == "xla":
       from jax_ep.backends.xla import XlaBackend
       self._backend = XlaBackend(axis_name, self.num_ranks)
+    elif backend == "ragged":
+      from jax_ep.backends.ragged import RaggedBackend
+      self._backend = RaggedBackend(axis_name, self.num_ranks)
     else:
       from jax_ep.backends.cuda import CudaBackend
       self._backend = CudaBackend(mesh, axis_name, num_nvl_bytes=num_nvl_bytes,

@@ -1,4 +1,9 @@
-"""Dispatch, layout and combine of the xla backend against the NumPy reference."""
+"""Dispatch, layout and combine of the portable backends against the NumPy reference.
+
+The ``ragged`` backend needs ``lax.ragged_all_to_all``, which XLA:CPU lacks;
+here it runs on an all-gather emulation of that collective (``_emulated``), so
+what is tested is its offset and size bookkeeping.
+"""
 import numpy as np
 import pytest
 
@@ -8,7 +13,33 @@ import jax.numpy as jnp
 import jax_ep
 from jax_ep import testing as ept
 
-BACKEND = "xla"
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                recv_sizes, *, axis_name):
+  """lax.ragged_all_to_all's semantics from all_gathers (per rank, in shard_map)."""
+  from jax import lax
+  me = lax.axis_index(axis_name)
+  ops = lax.all_gather(operand, axis_name)
+  in_off, sizes, out_off = (lax.all_gather(a, axis_name)
+                            for a in (input_offsets, send_sizes, output_offsets))
+  rows = jnp.arange(output.shape[0])
+  result = output
+  for s in range(ops.shape[0]):
+    start, size = out_off[s, me], sizes[s, me]
+    inside = (rows >= start) & (rows < start + size)
+    src = jnp.clip(in_off[s, me] + rows - start, 0, ops.shape[1] - 1)
+    mask = inside.reshape(inside.shape + (1,) * (output.ndim - 1))
+    result = jnp.where(mask, ops[s][src], result)
+  # Receivers must expect exactly what senders send.
+  return jnp.where(jnp.all(recv_sizes == sizes[:, me]), result, jnp.full_like(result, 7))
+
+
+@pytest.fixture(params=["xla", "ragged"])
+def backend(request, monkeypatch):
+  if request.param == "ragged":
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+  return request.param
 
 
 def _inputs(rng, R, N, H, K, E, dtype):
@@ -31,11 +62,11 @@ CASES = [  # R, N, H, K, E, M (None = default N*R), dtype
 
 
 @pytest.mark.parametrize("R,N,H,K,E,M,dtype", CASES)
-def test_dispatch_layout_combine_match_reference(R, N, H, K, E, M, dtype):
+def test_dispatch_layout_combine_match_reference(backend, R, N, H, K, E, M, dtype):
   rng = np.random.default_rng([R, N, H, K, E, M or 0])
   xs, idxs, ws = _inputs(rng, R, N, H, K, E, dtype)
   mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
   ref = ept.reference_dispatch(xs, idxs, ws, E, M)
   cap = M or N * R
   # Expert outputs: a fresh random matrix per rank, so each row is distinct.
@@ -79,7 +110,7 @@ def test_dispatch_layout_combine_match_reference(R, N, H, K, E, M, dtype):
     np.testing.assert_allclose(rt.astype(np.float32), roundtrip_ref[r], **tol)
 
 
-def test_overflow_is_reported_and_drops_only_the_excess():
+def test_overflow_is_reported_and_drops_only_the_excess(backend):
   R, N, H, K, E, M = 4, 16, 8, 2, 4, 5
   rng = np.random.default_rng(7)
   xs, _, ws = _inputs(rng, R, N, H, K, E, jnp.float32)
@@ -87,7 +118,7 @@ def test_overflow_is_reported_and_drops_only_the_excess():
   idxs = [np.stack([np.zeros(N, np.int32), rng.integers(0, E, N).astype(np.int32)], 1)
           for _ in range(R)]
   mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
 
   def per_rank(x, idx):
     *_, handle = buf.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=M)
@@ -105,7 +136,7 @@ def test_check_no_dropped_tokens_raises_under_checkify():
   from jax.experimental import checkify
   R, N, E = 2, 8, 2
   mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  buf = jax_ep.Buffer(mesh, "ep", backend="xla")
   rng = np.random.default_rng(3)
   xs = [rng.standard_normal((N, 4)).astype(np.float32) for _ in range(R)]
   idxs = [np.zeros((N, 1), np.int32) for _ in range(R)]
@@ -126,13 +157,13 @@ def test_check_no_dropped_tokens_raises_under_checkify():
     err.throw()
 
 
-def test_cached_dispatch_reuses_routing():
+def test_cached_dispatch_reuses_routing(backend):
   R, N, H, K, E = 4, 16, 8, 3, 8
   rng = np.random.default_rng(11)
   xs, idxs, ws = _inputs(rng, R, N, H, K, E, jnp.float32)
   xs2 = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
   mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
 
   def per_rank(x, idx, w, x2):
     *_, handle = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
