@@ -104,6 +104,12 @@ def _varying_axes(a) -> set:
   return set(getattr(t, "vma", ()))
 
 
+def _or_empty(weights, num_topk):
+  """The weights operand: the weights, or [0, K] when there are none (a
+  constant: no kernel, and the handlers then send no weights)."""
+  return weights if weights is not None else jnp.zeros((0, num_topk), jnp.float32)
+
+
 def _kv_client():
   from jax._src import distributed
   return distributed.global_state.client
@@ -125,8 +131,6 @@ class CudaBackend:
     num_sms = DEFAULT_NUM_SMS if num_sms is None else num_sms
     if not 1 <= num_sms <= c.MAX_SMS:
       raise ValueError(f"jax_ep.Buffer: num_sms must be in [1, {c.MAX_SMS}], got {num_sms}.")
-    if not timeout_s > 0:
-      raise ValueError(f"jax_ep.Buffer: timeout_s must be > 0, got {timeout_s}.")
     self.num_bytes = int(num_nvl_bytes or DEFAULT_NUM_NVL_BYTES)
     self.num_sms = int(num_sms)
     self.timeout_ns = max(1, int(timeout_s * 1e9))
@@ -271,9 +275,7 @@ class CudaBackend:
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
     (N, H), K, R, M = x.shape, topk_idx.shape[1], self.num_ranks, num_worst_tokens
     self._check_shape("dispatch", N, M, H, K, x.dtype)
-    # Absent weights / layout travel as empty arrays (constants, no kernel).
-    weights = (topk_weights if topk_weights is not None
-               else jnp.zeros((0, K), jnp.float32))
+    weights = _or_empty(topk_weights, K)
     if layout is not None:
       in_rank, per_rank = layout.is_token_in_rank, layout.num_tokens_per_rank
     else:
@@ -302,7 +304,7 @@ class CudaBackend:
     (N, H), M = x.shape, handle.capacity
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("dispatch", N, M, H, K, x.dtype)
-    w = weights if weights is not None else jnp.zeros((0, K), jnp.float32)
+    w = _or_empty(weights, K)
     recv_x, recv_w = self._call(
         "jax_ep_cached_dispatch",
         (jax.ShapeDtypeStruct((M, H), x.dtype), jax.ShapeDtypeStruct((M, K), jnp.float32)),
@@ -314,7 +316,7 @@ class CudaBackend:
     (M, H), N = y.shape, handle.num_tokens
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("combine", N, M, H, K, y.dtype)
-    w = weights if weights is not None else jnp.zeros((0, K), jnp.float32)
+    w = _or_empty(weights, K)
     out, out_w = self._call(
         "jax_ep_combine",
         (jax.ShapeDtypeStruct((N, H), y.dtype), jax.ShapeDtypeStruct((N, K), jnp.float32)),
