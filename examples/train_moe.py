@@ -158,7 +158,8 @@ def make_loss_fn(mesh, buf, specs, args):
       x = rms_norm(h, layer["moe_norm"]).reshape(B * S, -1).astype(moe_dtype)
       y, aux = moe.moe_block(buf, layer["moe"], x, top_k=args.top_k,
                              router=args.router,
-                             num_worst_tokens=args.num_worst_tokens)
+                             num_worst_tokens=args.num_worst_tokens,
+                             expert_impl=args.expert_impl)
       h = h + y.astype(jnp.float32).reshape(B, S, -1)
       dropped = dropped + aux.num_dropped_tokens
       balance = balance + aux.load_balance_loss / len(params["layers"])
@@ -177,9 +178,27 @@ def make_loss_fn(mesh, buf, specs, args):
 # --------------------------------------------------------------------------
 # Training.
 
+# Named sets of defaults; flags given explicitly still win.
+PRESETS = {
+    "tiny": {},
+    # A wide model whose MoE FFNs dominate the step (run on GPUs): bf16
+    # dispatch, 8 experts per rank at R = 2, 4096 tokens per rank and step.
+    "deepseek-small": dict(dim=2048, heads=16, layers=2, experts=16, top_k=4, ffn=1024,
+                           batch=16, seq=512, dtype="bfloat16", lr=1e-3, steps=30),
+}
+
+
 def parse_args(argv):
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+  preset = pre.parse_known_args(argv)[0].preset
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                 help="a named set of defaults: " + "; ".join(
+                     f"{k}: {v or 'the defaults below'}" for k, v in PRESETS.items()))
+  p.add_argument("--expert-impl", default="auto", choices=("auto", "ragged_dot", "mosaic"),
+                 help="the experts' grouped matmuls (jax_ep.moe.moe_block)")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--backend", default="auto", choices=jax_ep.buffer.BACKENDS)
   p.add_argument("--batch", type=int, default=16, help="global sequences per step")
@@ -206,6 +225,7 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--plot", default=None, help="save the loss curve to this PNG")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  p.set_defaults(**PRESETS[preset])
   return p.parse_args(argv)
 
 

@@ -291,7 +291,12 @@ def main(argv=None) -> int:
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--reps", type=int, default=7)
   ap.add_argument("--out", default="", help="folder for results.json and bench.png")
+  ap.add_argument("--moe", action="store_true",
+                  help="instead: the experts' grouped matmuls and the MoE block "
+                       "(jax_ep.bench_moe)")
   args = ap.parse_args(argv)
+  if args.moe:
+    return _moe_main(args)
   shapes = args.shapes.split(",")
   num_sms_list = [int(v) for v in args.num_sms.split(",") if v] or [None]
   from jax_ep import _ext
@@ -357,6 +362,20 @@ def main(argv=None) -> int:
       json.dump({"device": device, "p2p_gbps": p2p_gbps, "p2p_pairs": p2p, "rows": rows}, f,
                 indent=1)
     _plot(rows, device, os.path.join(args.out, "bench.png"))
+  return 0
+
+
+def _moe_main(args) -> int:
+  import jax
+  import jax_ep
+  from jax_ep import bench_moe
+  devices = jax.local_devices()
+  on_gpu = devices[0].platform == "gpu"
+  backends = (["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
+  backends = [b for b in backends if b != "ragged" and
+              (b != "cuda" or (jax_ep.build_info()["cuda"] and on_gpu))]
+  copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
+  bench_moe.main(backends, min(args.iters, 7), args.out, copy_gbps)
   return 0
 
 

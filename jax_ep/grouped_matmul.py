@@ -84,16 +84,22 @@ class Tiling:
     return dataclasses.asdict(self)
 
 
-# Candidates per mode, best first, from the sweep in ``jax_ep.bench --moe``
-# on an H100 (see benchmarks/RESULTS.md). The first one the shape admits is
-# used. Few rows per group (decode) favour short row tiles.
+# Candidates per mode, best first, from tools/gmm_sweep.py on an H100 (jax
+# 0.11.2; E = 32 groups, H = 7168, F = 2048; benchmarks/RESULTS.md). The first
+# one the shape admits is used. "small": at most 128 rows per group on average
+# (decode), where wide, short tiles read the weights with fewer passes.
 _TILINGS = {
-    "nn": {"large": (Tiling(128, 128, 64, 4, 1), Tiling(64, 128, 64, 4, 1)),
-           "small": (Tiling(64, 128, 64, 4, 1), Tiling(128, 128, 64, 4, 1))},
-    "nt": {"large": (Tiling(128, 128, 64, 4, 1), Tiling(64, 128, 64, 4, 1)),
-           "small": (Tiling(64, 128, 64, 4, 1), Tiling(128, 128, 64, 4, 1))},
-    "tn": {"large": (Tiling(128, 128, 64, 4, 1), Tiling(64, 64, 64, 4, 1)),
-           "small": (Tiling(128, 128, 64, 4, 1), Tiling(64, 64, 64, 4, 1))},
+    "nn": {"large": (Tiling(128, 128, 64, 6, 4), Tiling(128, 128, 64, 6, 1),
+                     Tiling(64, 128, 64, 4, 1)),
+           "small": (Tiling(64, 256, 64, 4, 4), Tiling(128, 128, 64, 6, 4),
+                     Tiling(64, 128, 64, 4, 1))},
+    "nt": {"large": (Tiling(128, 128, 64, 6, 4), Tiling(128, 128, 64, 6, 1),
+                     Tiling(64, 128, 64, 4, 1)),
+           "small": (Tiling(64, 128, 64, 6, 4), Tiling(64, 128, 64, 6, 1))},
+    "tn": {"large": (Tiling(128, 128, 64, 4, 8), Tiling(128, 128, 64, 4, 1),
+                     Tiling(64, 64, 64, 4, 1)),
+           "small": (Tiling(128, 128, 64, 4, 8), Tiling(128, 128, 64, 4, 1),
+                     Tiling(64, 64, 64, 4, 1))},
 }
 _tiling_override: dict = {}  # mode -> Tiling; the benchmark's sweep sets it.
 
@@ -121,7 +127,7 @@ def pick_tiling(mode, a_shape, b_shape, num_groups) -> Optional[Tiling]:
   if mode in _tiling_override:
     t = _tiling_override[mode]
     return t if _fits(mode, t, m, k, n) else None
-  size = "small" if m < 64 * num_groups else "large"
+  size = "small" if m <= 128 * num_groups else "large"
   for t in _TILINGS[mode][size]:
     if _fits(mode, t, m, k, n):
       return t
@@ -166,13 +172,28 @@ def _mosaic(mode, a, b, group_sizes, out_dtype):
   if tiling is None:  # A derivative whose shapes no tile divides.
     return _ragged_dot(mode, a, b, group_sizes, out_dtype)
   t = tiling.as_kwargs()
+  rows = a.shape[0]
+  pad = -rows % 8  # The kernels tile rows by 8; padding rows are in no group.
+  if pad:
+    a = jnp.pad(a, ((0, pad), (0, 0)))
+    if mode == "tn":
+      b = jnp.pad(b, ((0, pad), (0, 0)))
   if mode == "tn":
     out = transposed.transposed_ragged_dot(a, b, group_sizes=group_sizes, **t)
   else:
-    out = _rows_below(ragged.ragged_dot(a, b, group_sizes=group_sizes,
-                                        transpose_rhs=(mode == "nt"), **t),
-                      group_sizes)
-  return out.astype(out_dtype)
+    out = ragged.ragged_dot(a, b, group_sizes=group_sizes,
+                            transpose_rhs=(mode == "nt"), **t)
+    out = _rows_below(out[:rows], group_sizes)
+  return _varying_like(out.astype(out_dtype), a, b, group_sizes)
+
+
+def _varying_like(out, *inputs):
+  """Mark ``out`` varying over the shard_map axes its inputs vary over: a
+  Pallas kernel's result type does not say so, and autodiff inside shard_map
+  needs cotangents typed like their primals."""
+  vma = frozenset().union(*(getattr(jax.typeof(x), "vma", frozenset()) for x in inputs))
+  missing = tuple(sorted(vma - getattr(jax.typeof(out), "vma", frozenset())))
+  return lax.pcast(out, missing, to="varying") if missing else out
 
 
 def _ragged_dot(mode, a, b, group_sizes, out_dtype):
@@ -197,28 +218,32 @@ _IMPLEMENTATIONS = {"mosaic": _mosaic, "ragged_dot": _ragged_dot}
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   mode: str
-  impl: str          # "mosaic" or "ragged_dot", resolved.
+  impl: str              # "mosaic" or "ragged_dot", resolved.
+  compute_dtype: jnp.dtype  # Both factors are cast to it (cotangents included).
   out_dtype: jnp.dtype
+
+  def derived(self, mode, out_dtype):
+    return _Spec(mode, self.impl, self.compute_dtype, jnp.dtype(out_dtype))
 
 
 # The transpose of each product in one factor, as another product: given the
 # other factor and the output's cotangent, the factor's cotangent.
 def _transpose_in_a(spec: _Spec, b, group_sizes, ct, a_dtype):
   if spec.mode == "nn":   # d a[i] = ct[i] @ b[g].T
-    return _product(ct, b, group_sizes, _Spec("nt", spec.impl, a_dtype))
+    return _product(ct, b, group_sizes, spec.derived("nt", a_dtype))
   if spec.mode == "nt":   # d a[i] = ct[i] @ b[g]
-    return _product(ct, b, group_sizes, _Spec("nn", spec.impl, a_dtype))
+    return _product(ct, b, group_sizes, spec.derived("nn", a_dtype))
   # tn: d a[i] = b[i] @ ct[g].T
-  return _product(b, ct, group_sizes, _Spec("nt", spec.impl, a_dtype))
+  return _product(b, ct, group_sizes, spec.derived("nt", a_dtype))
 
 
 def _transpose_in_b(spec: _Spec, a, group_sizes, ct, b_dtype):
   if spec.mode == "nn":   # d b[g] = sum a[i].T ct[i]
-    return _product(a, ct, group_sizes, _Spec("tn", spec.impl, b_dtype))
+    return _product(a, ct, group_sizes, spec.derived("tn", b_dtype))
   if spec.mode == "nt":   # d b[g] = sum ct[i].T a[i]
-    return _product(ct, a, group_sizes, _Spec("tn", spec.impl, b_dtype))
+    return _product(ct, a, group_sizes, spec.derived("tn", b_dtype))
   # tn: d b[i] = a[i] @ ct[g]
-  return _product(a, ct, group_sizes, _Spec("nn", spec.impl, b_dtype))
+  return _product(a, ct, group_sizes, spec.derived("nn", b_dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,9 +254,8 @@ def _kernel(spec: _Spec):
 
   @jax.custom_batching.custom_vmap
   def kernel(a, b, group_sizes):
-    compute = jnp.promote_types(a.dtype, b.dtype)
-    return impl(spec.mode, a.astype(compute), b.astype(compute), group_sizes,
-                spec.out_dtype)
+    cd = spec.compute_dtype
+    return impl(spec.mode, a.astype(cd), b.astype(cd), group_sizes, spec.out_dtype)
 
   @kernel.def_vmap
   def _(axis_size, in_batched, a, b, group_sizes):
@@ -283,17 +307,24 @@ def _check(name, a, b, group_sizes, a_rank, b_rank):
                      f"{group_sizes.dtype}{tuple(group_sizes.shape)}.")
 
 
-def grouped_matmul(x, w, group_sizes, *, impl: str = "auto",
+def grouped_matmul(x, w, group_sizes, *, impl: str = "auto", transpose_w: bool = False,
                    preferred_element_type=None, device=None) -> jax.Array:
   """``out[i] = x[i] @ w[g(i)]``: ``x [M,K]`` grouped by ``group_sizes [G]``,
   ``w [G,K,N]``; rows past ``sum(group_sizes)`` are zero. Like
-  ``lax.ragged_dot``, differentiable to any order in ``x`` and ``w``."""
+  ``lax.ragged_dot``, differentiable to any order in ``x`` and ``w``.
+
+  ``transpose_w=True``: ``out[i] = x[i] @ w[g(i)].T`` with ``w [G,N,K]`` (the
+  input gradient's product), without transposing ``w`` in memory.
+  """
   _check("grouped_matmul", x, w, group_sizes, 2, 3)
-  if x.shape[1] != w.shape[1] or w.shape[0] != group_sizes.shape[0]:
+  contracted = w.shape[2] if transpose_w else w.shape[1]
+  if x.shape[1] != contracted or w.shape[0] != group_sizes.shape[0]:
+    layout = "[M,K] x [G,N,K]" if transpose_w else "[M,K] x [G,K,N]"
     raise ValueError(f"jax_ep.grouped_matmul: x {tuple(x.shape)}, w {tuple(w.shape)} "
                      f"and group_sizes {tuple(group_sizes.shape)} do not fit "
-                     f"[M,K] x [G,K,N] with G groups.")
-  return _call("nn", x, w, group_sizes, impl, preferred_element_type, device)
+                     f"{layout} with G groups.")
+  return _call("nt" if transpose_w else "nn", x, w, group_sizes, impl,
+               preferred_element_type, device)
 
 
 def grouped_matmul_transposed(a, b, group_sizes, *, impl: str = "auto",
@@ -313,4 +344,5 @@ def _call(mode, a, b, group_sizes, impl, preferred_element_type, device):
   out_dtype = jnp.dtype(compute if preferred_element_type is None
                         else preferred_element_type)
   resolved = resolve_impl(impl, mode, a, b, group_sizes.shape[0], device)
-  return _product(a, b, group_sizes.astype(jnp.int32), _Spec(mode, resolved, out_dtype))
+  return _product(a, b, group_sizes.astype(jnp.int32),
+                  _Spec(mode, resolved, jnp.dtype(compute), out_dtype))

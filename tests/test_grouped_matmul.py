@@ -19,6 +19,13 @@ MOSAIC = gmm.mosaic_unavailable_reason() is None
 IMPLS = ["ragged_dot"] + (["mosaic"] if MOSAIC else [])
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """float32 means float32 (XLA:GPU would otherwise use TF32 for f32 dots)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _groups(kind, rng, rows, num_groups):
   """Group sizes summing to at most ``rows``: skewed, with empties, one group, ..."""
   if kind == "skewed":
