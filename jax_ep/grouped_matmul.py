@@ -191,9 +191,15 @@ def _varying_like(out, *inputs):
   """Mark ``out`` varying over the shard_map axes its inputs vary over: a
   Pallas kernel's result type does not say so, and autodiff inside shard_map
   needs cotangents typed like their primals."""
-  vma = frozenset().union(*(getattr(jax.typeof(x), "vma", frozenset()) for x in inputs))
-  missing = tuple(sorted(vma - getattr(jax.typeof(out), "vma", frozenset())))
+  vma = frozenset().union(*(_varying_axes(x) for x in inputs))
+  missing = tuple(sorted(vma - _varying_axes(out)))
   return lax.pcast(out, missing, to="varying") if missing else out
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)  # jax >= 0.10: ManualAxisType.varying
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
 def _ragged_dot(mode, a, b, group_sizes, out_dtype):
