@@ -122,6 +122,18 @@ def check_handle(handle, num_ranks: int, op: str, *, num_tokens=None,
   if not isinstance(handle, DispatchHandle):
     raise TypeError(f"jax_ep.{op}: handle must be the DispatchHandle returned by "
                     f"dispatch, got {type(handle).__name__}.")
+  leaves = {"send_pos": 2, "recv_src_idx": 1, "recv_src_rank": 1, "num_recv_tokens": 1}
+  for field, ndim in leaves.items():
+    shape = tuple(getattr(getattr(handle, field), "shape", ()))
+    if len(shape) != ndim or (field == "num_recv_tokens" and shape != (1,)):
+      raise ValueError(
+          f"jax_ep.{op}: handle.{field} has shape {shape}, not one rank's view; pass "
+          f"the handle into shard_map with in_specs=P(axis), as it left with "
+          f"out_specs=P(axis).")
+  if handle.recv_src_rank.shape != handle.recv_src_idx.shape:
+    raise ValueError(f"jax_ep.{op}: handle.recv_src_rank has shape "
+                     f"{handle.recv_src_rank.shape} but handle.recv_src_idx "
+                     f"{handle.recv_src_idx.shape}.")
   if handle.num_ranks != num_ranks:
     raise ValueError(f"jax_ep.{op}: handle was made for {handle.num_ranks} ranks, "
                      f"this Buffer has {num_ranks}.")

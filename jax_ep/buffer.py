@@ -240,8 +240,9 @@ def check_no_dropped_tokens(handle: DispatchHandle) -> None:
   checkify, read ``handle.num_dropped_tokens`` instead.
   """
   from jax.experimental import checkify
-  checkify.check(handle.num_recv_tokens <= handle.capacity,
+  routed = handle.num_recv_tokens.reshape(())
+  checkify.check(routed <= handle.capacity,
                  "jax_ep: {routed} tokens were routed to this rank but "
                  "num_worst_tokens is {cap}; the excess was dropped.",
-                 routed=handle.num_recv_tokens,
+                 routed=routed,
                  cap=jnp.int32(handle.capacity))

@@ -318,7 +318,7 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[
       topk_idx.reshape(-1)].add(1, mode="drop")
   aux = MoeAux(num_dropped_tokens=handle.num_dropped_tokens,
-               num_recv_tokens=handle.num_recv_tokens,
+               num_recv_tokens=handle.num_recv_tokens.reshape(()),
                tokens_per_expert=tokens_per_expert,
                load_balance_loss=load_balance_loss(probs, topk_idx))
   return out, aux

@@ -9,6 +9,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep import testing as ept
@@ -97,7 +98,7 @@ def test_dispatch_layout_combine_match_reference(backend, R, N, H, K, E, M, dtyp
     np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"])
     np.testing.assert_array_equal(recv_w, e["recv_topk_weights"])
     np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"])
-    assert int(handle.num_recv_tokens) == e["num_recv_tokens"]
+    np.testing.assert_array_equal(handle.num_recv_tokens, [e["num_recv_tokens"]])
     np.testing.assert_array_equal(handle.send_pos, e["send_pos"])
     kept = len(e["recv_src"])
     np.testing.assert_array_equal(handle.recv_src_rank[:kept], [s for s, _ in e["recv_src"]])
@@ -126,9 +127,9 @@ def test_overflow_is_reported_and_drops_only_the_excess(backend):
 
   res = ept.run_per_rank(per_rank, mesh, xs, idxs)
   ref = ept.reference_dispatch(xs, idxs, ws, E, M)
-  assert int(res[0][0]) == R * N and int(res[0][1]) == R * N - M
+  assert int(res[0][0][0]) == R * N and int(res[0][1]) == R * N - M
   for r in range(R):
-    assert int(res[r][0]) == ref[r]["num_recv_tokens"]
+    np.testing.assert_array_equal(res[r][0], [ref[r]["num_recv_tokens"]])
     assert int(res[r][1]) == max(ref[r]["num_recv_tokens"] - M, 0)
 
 
@@ -223,3 +224,50 @@ def test_multi_axis_mesh_uses_only_the_ep_axis():
     expected, _ = ept.reference_combine([r["recv_x"] for r in ref], ref, N)
     for r in range(4):
       np.testing.assert_allclose(out[g, r], expected[r], rtol=1e-6, atol=1e-6)
+
+
+def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend):
+  # Issue 11.1: dispatch in one jitted program, combine and cached dispatch in
+  # another, the handle passed between them with P("ep") both ways.
+  R, N, H, K, E, M = 4, 12, 8, 3, 8, 20
+  rng = np.random.default_rng(13)
+  xs, idxs, ws = _inputs(rng, R, N, H, K, E, jnp.float32)
+  ys = [rng.standard_normal((M, H)).astype(np.float32) for _ in range(R)]
+  x2s = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  mesh = ept.make_mesh(R)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
+  spec = P("ep")
+  shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+
+  first = shard(lambda x, i: buf.dispatch(x[0], topk_idx=i[0], num_experts=E,
+                                          num_worst_tokens=M)[4])
+
+  def use(h, y, x2):
+    props = jnp.array([h.num_tokens, h.num_ranks, h.capacity], jnp.int32)
+    out, _ = buf.combine(y[0], h)
+    recv2, _, _, _, _ = buf.dispatch(x2[0], handle=h)
+    return out[None], recv2[None], props[None], h.num_dropped_tokens[None]
+
+  def together(x, i, y, x2):
+    *_, h = buf.dispatch(x[0], topk_idx=i[0], num_experts=E, num_worst_tokens=M)
+    return use(h, y, x2)
+
+  x, idx, y, x2 = ept.stack_per_rank(mesh, xs, idxs, ys, x2s)
+  handle = first(x, idx)
+  two_jits = shard(use)(handle, y, x2)
+  one_program = shard(together)(x, idx, y, x2)
+  for a, b in zip(two_jits, one_program):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  out, recv2, props, dropped = map(np.asarray, two_jits)
+  ref = ept.reference_dispatch(xs, idxs, ws, E, M)
+  ref2 = ept.reference_dispatch(x2s, idxs, ws, E, M)
+  combined, _ = ept.reference_combine(ys, ref, N)
+  for r in range(R):
+    np.testing.assert_array_equal(props[r], [N, R, M])
+    assert dropped[r] == max(ref[r]["num_recv_tokens"] - M, 0)
+    np.testing.assert_allclose(out[r], combined[r], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(recv2[r], ref2[r]["recv_x"])
+  # Outside, the stacked handle holds every rank's count.
+  np.testing.assert_array_equal(np.asarray(handle.num_recv_tokens),
+                                [r["num_recv_tokens"] for r in ref])
+  assert sum(max(r["num_recv_tokens"] - M, 0) for r in ref) > 0  # the case drops
