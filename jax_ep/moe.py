@@ -327,6 +327,20 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
 # --------------------------------------------------------------------------
 # Dense single-device reference.
 
+def _unsharded(a):
+  """``a`` replicated when it is sharded over Explicit mesh axes, else ``a``.
+
+  On an Explicit mesh, sharding propagates through every op, and the dense
+  einsums of expert-sharded weights with token-sharded ``x`` have no legal
+  result sharding; the reference is a one-device computation anyway.
+  """
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh.explicit_axes or all(s is None for s in sharding.spec):
+    return a
+  return jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P()))
+
+
 def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
                         router: str = "softmax", normalize: bool = True,
                         num_experts: Optional[int] = None,
@@ -340,6 +354,8 @@ def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
   overflow dropped. Returns float32 ``[T,H]``.
   """
   del num_experts  # Implied by the router weight; accepted for symmetry.
+  params = {k: _unsharded(v) for k, v in params.items()}
+  x = _unsharded(x)
   f32 = jnp.float32
   hi = lax.Precision.HIGHEST
   topk_idx, topk_weights, _ = route(params["router"], x, top_k, router, normalize)
