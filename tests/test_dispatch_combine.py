@@ -240,7 +240,8 @@ def test_multi_axis_mesh_uses_only_the_ep_axis():
       np.testing.assert_allclose(out[g, r], expected[r], rtol=1e-6, atol=1e-6)
 
 
-def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend):
+@pytest.mark.parametrize("explicit", [False, True])
+def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend, explicit):
   # Issue 11.1: dispatch in one jitted program, combine and cached dispatch in
   # another, the handle passed between them with P("ep") both ways.
   R, N, H, K, E, M = 4, 12, 8, 3, 8, 20
@@ -248,7 +249,7 @@ def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend):
   xs, idxs, ws = _inputs(rng, R, N, H, K, E, jnp.float32)
   ys = [rng.standard_normal((M, H)).astype(np.float32) for _ in range(R)]
   x2s = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
-  mesh = ept.make_mesh(R)
+  mesh = ept.make_mesh(R, explicit=explicit)
   buf = jax_ep.Buffer(mesh, "ep", backend=backend)
   spec = P("ep")
   shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
