@@ -124,6 +124,34 @@ def reference_combine(ys, dispatched, num_tokens: int, weights=None):
   return outs, wouts
 
 
+class count_compilations:
+  """Counts XLA compilations by function name while the ``with`` block runs.
+
+      with count_compilations() as counts:
+        step(...); step(...)
+      assert counts["jit(step)"] == 1
+
+  Listens to JAX's backend-compile monitoring event, which fires for every
+  compilation (a persistent-cache hit included), so a retrace that changes
+  shardings or shapes shows up even when tracing is cheap.
+  """
+  _EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    import collections
+    self.counts = collections.Counter()
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self.counts
+
+  def _listen(self, event, duration, **kwargs):
+    del duration
+    if event == self._EVENT:
+      self.counts[kwargs.get("fun_name", "?")] += 1
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def make_mesh(num_ranks: int, axis_name: str = "ep", explicit: bool = False):
   """A 1-D mesh over the first ``num_ranks`` devices (``jax.make_mesh`` if explicit)."""
   devices = jax.devices()[:num_ranks]
