@@ -35,7 +35,9 @@ def check_axis(axis_name: str, num_ranks: int, op: str) -> None:
         f"was made for {num_ranks} ranks.")
 
 
-def _static_int(value, name: str, op: str, minimum: int) -> int:
+def check_static_int(value, name: str, op: str, minimum: int) -> int:
+  """``value`` as an int if it is a static Python int >= ``minimum``; else an
+  error naming ``name`` (floats such as 2.0 included: they fail deep in lax)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"jax_ep.{op}: {name} must be a static Python int, got "
                     f"{type(value).__name__}.")
@@ -45,7 +47,7 @@ def _static_int(value, name: str, op: str, minimum: int) -> int:
 
 
 def check_num_experts(num_experts, num_ranks: int, op: str) -> int:
-  num_experts = _static_int(num_experts, "num_experts", op, 1)
+  num_experts = check_static_int(num_experts, "num_experts", op, 1)
   if num_experts % num_ranks:
     raise ValueError(f"jax_ep.{op}: num_experts={num_experts} is not divisible "
                      f"by the number of ranks {num_ranks}.")
@@ -56,7 +58,7 @@ def check_num_worst_tokens(num_worst_tokens, num_tokens: int, num_ranks: int,
                            op: str) -> int:
   if num_worst_tokens is None:
     return num_tokens * num_ranks  # Can never overflow.
-  return _static_int(num_worst_tokens, "num_worst_tokens", op, 1)
+  return check_static_int(num_worst_tokens, "num_worst_tokens", op, 1)
 
 
 def _shape_of(a, name: str, op: str):

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jax_ep import _ops
+
 ROUTERS = ("softmax", "sigmoid")
 
 
@@ -87,7 +89,8 @@ def route(router_w: jax.Array, x: jax.Array, top_k: int, router: str = "softmax"
   if router not in ROUTERS:
     raise ValueError(f"jax_ep.moe: router must be one of {ROUTERS}, got {router!r}.")
   num_experts = router_w.shape[1]
-  if not 1 <= top_k <= num_experts:
+  top_k = _ops.check_static_int(top_k, "top_k", "moe", 1)
+  if top_k > num_experts:
     raise ValueError(f"jax_ep.moe: top_k={top_k} must be in [1, {num_experts}].")
   logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
@@ -296,6 +299,7 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   N, H = x.shape
   if num_experts is None:
     num_experts = params["router"].shape[1]
+  num_experts = _ops.check_static_int(num_experts, "num_experts", "moe", 1)
   if num_experts % R:
     raise ValueError(f"jax_ep.moe: num_experts={num_experts} is not divisible by the "
                      f"{R} ranks of axis {buf.axis_name!r}.")
