@@ -532,5 +532,9 @@ def describe_rank(rank, num_ranks, *, fail_on_rank=None):
   """What one launched process sees (a smoke target for ``jax_ep.multiprocess``)."""
   if rank == fail_on_rank:
     raise RuntimeError(f"rank {rank} was asked to fail")
+  import jax_ep
+  from jax_ep import _ext
+  c = _ext.load()
   return {"rank": rank, "process_index": jax.process_index(),
-          "process_count": jax.process_count(), "platform": jax.devices()[0].platform}
+          "process_count": jax.process_count(), "platform": jax.devices()[0].platform,
+          "jax_ep": jax_ep.__file__, "jax_ep._C": None if c is None else c.__file__}
