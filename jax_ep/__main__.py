@@ -6,21 +6,8 @@ backend. On a machine without accelerators it runs on 8 virtual CPU devices.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-
-def _ensure_devices() -> None:
-  # Must happen before jax creates its backends: without accelerators, emulate 8 ranks.
-  try:
-    import subprocess
-    has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
-  except OSError:
-    has_gpu = False
-  if not has_gpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
 
 
 def main(argv=None) -> int:
@@ -32,7 +19,8 @@ def main(argv=None) -> int:
   ap.add_argument("--backend", default="all", help="xla, cuda, auto or all (every one present)")
   ap.add_argument("--iters", type=int, default=10)
   args = ap.parse_args(argv)
-  _ensure_devices()
+  from jax_ep._ext import ensure_host_devices
+  ensure_host_devices()
 
   import numpy as np
   import jax
