@@ -5,7 +5,7 @@ Call ``moe_block`` inside ``jax.shard_map`` over the buffer's axis. Per rank::
     x [N,H] --router--> topk_idx, topk_weights [N,K]
       --dispatch--> recv_x [M,H], recv_topk_idx [M,K] (local ids), recv_topk_weights
       --permute_to_expert_major--> grouped_x [G,H], group_sizes [E_local]
-      --SwiGLU experts (lax.ragged_dot)--> grouped_y [G,H]
+      --SwiGLU experts (grouped matmuls)--> grouped_y [G,H]
       --unpermute_from_expert_major (weighted by recv_topk_weights)--> y [M,H]
       --combine--> out [N,H]
 
@@ -29,6 +29,7 @@ receive side of a dispatch, where DeepEP's normal mode leaves it to the user.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -37,6 +38,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jax_ep import _ops
+from jax_ep import grouped_matmul as gmm
 
 ROUTERS = ("softmax", "sigmoid")
 
@@ -215,22 +217,40 @@ def unpermute_from_expert_major(grouped_y: jax.Array, plan: ExpertMajorPlan,
 # --------------------------------------------------------------------------
 # Experts.
 
+def resolve_expert_impl(expert_impl: str, grouped_x: jax.Array, w_gate: jax.Array,
+                        w_down: jax.Array, device=None) -> str:
+  """``"mosaic"`` or ``"ragged_dot"``: the grouped matmuls ``swiglu_experts``
+  runs for ``expert_impl`` (``"auto"``, ``"ragged_dot"`` or ``"mosaic"``;
+  see ``jax_ep.grouped_matmul``). ``"auto"`` takes the Mosaic kernels only
+  when all three projections and their derivatives can use them."""
+  dt = grouped_x.dtype
+  num_groups = w_gate.shape[0]
+  choices = {gmm.resolve_impl(expert_impl, "nn", grouped_x, w.astype(dt), num_groups,
+                              device)
+             for w in (w_gate, w_down)}
+  return "mosaic" if choices == {"mosaic"} else "ragged_dot"
+
+
 def swiglu_experts(grouped_x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array,
-                   w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+                   w_up: jax.Array, w_down: jax.Array, *,
+                   expert_impl: str = "auto", device=None) -> jax.Array:
   """``down(silu(x @ gate) * (x @ up))`` per expert group, float32 result.
 
   ``grouped_x [G,H]`` expert-major, ``w_gate/w_up [E_local,H,F]``,
   ``w_down [E_local,F,H]``. Matmuls run in ``grouped_x``'s dtype with float32
-  accumulation.
+  accumulation, on the grouped matmuls ``expert_impl`` names
+  (``resolve_expert_impl``); the Mosaic kernels round each product to that
+  dtype before it is widened to float32.
   """
   dt = grouped_x.dtype
   f32 = jnp.float32
-  gate = lax.ragged_dot(grouped_x, w_gate.astype(dt), group_sizes,
-                        preferred_element_type=f32)
-  up = lax.ragged_dot(grouped_x, w_up.astype(dt), group_sizes,
-                      preferred_element_type=f32)
+  impl = resolve_expert_impl(expert_impl, grouped_x, w_gate, w_down, device)
+  mm = functools.partial(gmm.grouped_matmul, group_sizes=group_sizes, impl=impl,
+                         preferred_element_type=f32, device=device)
+  gate = mm(grouped_x, w_gate.astype(dt))
+  up = mm(grouped_x, w_up.astype(dt))
   h = (jax.nn.silu(gate) * up).astype(dt)
-  return lax.ragged_dot(h, w_down.astype(dt), group_sizes, preferred_element_type=f32)
+  return mm(h, w_down.astype(dt))
 
 
 # --------------------------------------------------------------------------
@@ -251,6 +271,9 @@ class MoeAux:
   num_recv_tokens: jax.Array     # [] int32: tokens routed to this rank (may be > M).
   tokens_per_expert: jax.Array   # [E] int32: this rank's (token, k) slots per expert.
   load_balance_loss: jax.Array   # [] f32: Switch aux loss of this rank's tokens.
+  # Which grouped matmuls ran the experts: "mosaic" or "ragged_dot" (static).
+  expert_impl: str = dataclasses.field(default="ragged_dot",
+                                       metadata=dict(static=True))
 
 
 def _check_params(params, hidden: int, num_experts: int, num_local: int):
@@ -276,7 +299,7 @@ def _check_params(params, hidden: int, num_experts: int, num_local: int):
 
 def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = None,
               top_k: int, router: str = "softmax", normalize: bool = True,
-              num_worst_tokens: Optional[int] = None):
+              num_worst_tokens: Optional[int] = None, expert_impl: str = "auto"):
   """One expert-parallel MoE FFN on this rank's tokens (call inside shard_map).
 
   Args:
@@ -290,6 +313,9 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
       token's k weights by their sum.
     num_worst_tokens: receive capacity M of the dispatch (default ``N * R``,
       never drops). Tokens beyond it are dropped and reported in the aux.
+    expert_impl: the experts' grouped matmuls: ``"auto"`` (JAX's Mosaic-GPU
+      kernels on Hopper GPUs, else ``lax.ragged_dot``), ``"mosaic"`` or
+      ``"ragged_dot"``; ``aux.expert_impl`` says which ran.
 
   Returns:
     ``(out [N,H] in x.dtype, MoeAux)``: ``out[i] = sum_k w[i,k] *
@@ -314,8 +340,12 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   # Top-k ids are distinct, so a row holds at most min(K, E_local) local slots.
   grouped_x, group_sizes, plan = permute_to_expert_major(
       recv_x, recv_idx, El, num_grouped_rows=M * min(top_k, El))
+  device = buf.mesh.devices.flat[0]
+  impl = resolve_expert_impl(expert_impl, grouped_x, params["w_gate"],
+                             params["w_down"], device)
   grouped_y = swiglu_experts(grouped_x, group_sizes, params["w_gate"],
-                             params["w_up"], params["w_down"])
+                             params["w_up"], params["w_down"], expert_impl=impl,
+                             device=device)
   y = unpermute_from_expert_major(grouped_y, plan, recv_w, out_dtype=x.dtype)
   out, _ = buf.combine(y, handle)
 
@@ -324,7 +354,8 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   aux = MoeAux(num_dropped_tokens=handle.num_dropped_tokens,
                num_recv_tokens=handle.num_recv_tokens.reshape(()),
                tokens_per_expert=tokens_per_expert,
-               load_balance_loss=load_balance_loss(probs, topk_idx))
+               load_balance_loss=load_balance_loss(probs, topk_idx),
+               expert_impl=impl)
   return out, aux
 
 

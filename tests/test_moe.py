@@ -260,3 +260,27 @@ def test_block_and_dense_reference_take_the_same_placed_arrays_on_both_mesh_kind
   for name in params:
     _assert_close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
   _assert_close(grads[1], grads_ref[1], 1e-5, "grad x")
+
+
+def test_expert_impl_is_visible_and_checked():
+  R, N, H, F, E, K = 2, 8, 128, 128, 4, 2
+  rng = np.random.default_rng(3)
+  mesh = ept.make_mesh(R)
+  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  params, x = _put(mesh, _params(rng, H, F, E, dtype=jnp.bfloat16),
+                   jnp.asarray(rng.standard_normal((R * N, H)), jnp.bfloat16))
+  specs = moe.moe_param_specs("ep")
+
+  def run(expert_impl):
+    body = lambda p, x: jax.tree_util.tree_map(
+        lambda a: a[None], moe.moe_block(buf, p, x, top_k=K, expert_impl=expert_impl)[1])
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")),
+                                 out_specs=P("ep")))(params, x)
+
+  # CPU devices: "auto" takes lax.ragged_dot and says so.
+  assert run("auto").expert_impl == "ragged_dot"
+  assert run("ragged_dot").expert_impl == "ragged_dot"
+  with pytest.raises(ValueError, match="impl='mosaic' cannot run: the device is cpu"):
+    run("mosaic")
+  with pytest.raises(ValueError, match="impl must be one of"):
+    run("cutlass")

@@ -13,6 +13,8 @@
 #   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
 #   sanitizer  compute-sanitizer memcheck of the main job over every GPU (0 errors)
 #   kernels    per-kernel device times at R = 1 (ncu)
+#   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
+#              (Hopper), on every local GPU in one process
 # Logs go to $OUT (the device tool's return folder) or /tmp/jax_ep_gpu_check.
 # Env: PYTEST_K (extra -k filter for tests), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
@@ -43,6 +45,13 @@ fi
 if has faults; then
   echo "=== fault tests (no MPS)"
   timeout 420 $PY -m pytest -q -rs tests/gpu -k "$FAULT_TESTS" 2>&1 | tee "$OUT/gpu_faults.log" | tail -25
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if has experts; then
+  echo "=== grouped matmuls and the MoE block on Mosaic GPU kernels"
+  JAX_PLATFORMS=cuda timeout 400 $PY -m pytest -q -rs tests/test_grouped_matmul.py \
+    tests/gpu/test_experts_gpu.py 2>&1 | tee "$OUT/experts.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
