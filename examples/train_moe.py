@@ -188,41 +188,53 @@ PRESETS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends each default once: not where the help text already states it, and
+  not for a default that says nothing (None, or False of an on/off flag)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if "default" in text or action.default is None or action.default is False:
+      return text
+    return super()._get_help_string(action)
+
+
 def parse_args(argv):
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
   preset = pre.parse_known_args(argv)[0].preset
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
   p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                 help="a named set of defaults: " + "; ".join(
-                     f"{k}: {v or 'the defaults below'}" for k, v in PRESETS.items()))
+                 help="a named set of defaults (default: tiny, the defaults below): " +
+                 "; ".join(f"{k}: {v}" for k, v in PRESETS.items() if v))
   p.add_argument("--expert-impl", default="auto", choices=("auto", "ragged_dot", "mosaic"),
                  help="the experts' grouped matmuls (jax_ep.moe.moe_block)")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--backend", default="auto", choices=jax_ep.buffer.BACKENDS)
+  p.add_argument("--steps", type=int, default=300, help="training steps")
+  p.add_argument("--backend", default="auto", choices=jax_ep.buffer.BACKENDS,
+                 help="jax_ep backend")
   p.add_argument("--batch", type=int, default=16, help="global sequences per step")
   p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-  p.add_argument("--vocab", type=int, default=64)
+  p.add_argument("--vocab", type=int, default=64, help="vocabulary size")
   p.add_argument("--branching", type=int, default=4,
                  help="successors per token in the Markov chain")
-  p.add_argument("--dim", type=int, default=64)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--experts", type=int, default=8)
-  p.add_argument("--top-k", type=int, default=2)
+  p.add_argument("--dim", type=int, default=64, help="model width")
+  p.add_argument("--heads", type=int, default=4, help="attention heads")
+  p.add_argument("--layers", type=int, default=2, help="attention + MoE blocks")
+  p.add_argument("--experts", type=int, default=8, help="experts per MoE block")
+  p.add_argument("--top-k", type=int, default=2, help="experts per token")
   p.add_argument("--ffn", type=int, default=64, help="hidden size of each expert")
-  p.add_argument("--router", default="softmax", choices=moe.ROUTERS)
+  p.add_argument("--router", default="softmax", choices=moe.ROUTERS, help="router scores")
   p.add_argument("--num-worst-tokens", type=int, default=None,
                  help="receive capacity per rank (default: never drop)")
   p.add_argument("--aux-weight", type=float, default=0.01,
                  help="weight of the load-balancing loss")
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="dtype of the tokens the MoE block dispatches")
   p.add_argument("--ranks", type=int, default=None,
                  help="devices on the ep axis (default: all, at most 8)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights")
   p.add_argument("--plot", default=None, help="save the loss curve to this PNG")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   p.set_defaults(**PRESETS[preset])
@@ -258,8 +270,16 @@ def main(argv=None):
                           optax.adamw(schedule, weight_decay=0.01))
   opt_state = optimizer.init(params)
   loss_fn = make_loss_fn(mesh, buf, specs, args)
+  # optax makes its step count on one device, and a step would return it
+  # replicated over the mesh: a new input sharding, so a second compilation.
+  # Place the state where the step returns it, and pin the step to that.
+  replicated = NamedSharding(mesh, P())
+  state_shardings = jax.tree_util.tree_map(
+      lambda a: a.sharding if isinstance(a.sharding, NamedSharding) else replicated,
+      (params, opt_state))
+  params, opt_state = jax.device_put((params, opt_state), state_shardings)
 
-  @jax.jit
+  @jax.jit(out_shardings=(*state_shardings, replicated))
   def train_step(params, opt_state, tokens):
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
     updates, opt_state = optimizer.update(grads, opt_state, params)

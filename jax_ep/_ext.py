@@ -23,6 +23,23 @@ def load_required():
   return c
 
 
+def ensure_host_devices(count: int = 8) -> None:
+  """Without a GPU, have XLA's CPU platform emulate ``count`` devices (ranks).
+
+  Call before jax creates its backends (the first ``jax.devices()``); an
+  ``XLA_FLAGS`` that already sets the count wins.
+  """
+  import os
+  import subprocess
+  try:
+    has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+  except OSError:
+    has_gpu = False
+  flags = os.environ.get("XLA_FLAGS", "")
+  if not has_gpu and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def has_cuda() -> bool:
   c = load()
   return bool(c is not None and c.build_info().get("cuda"))

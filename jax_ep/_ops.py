@@ -35,7 +35,9 @@ def check_axis(axis_name: str, num_ranks: int, op: str) -> None:
         f"was made for {num_ranks} ranks.")
 
 
-def _static_int(value, name: str, op: str, minimum: int) -> int:
+def check_static_int(value, name: str, op: str, minimum: int) -> int:
+  """``value`` as an int if it is a static Python int >= ``minimum``; else an
+  error naming ``name`` (floats such as 2.0 included: they fail deep in lax)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"jax_ep.{op}: {name} must be a static Python int, got "
                     f"{type(value).__name__}.")
@@ -45,7 +47,7 @@ def _static_int(value, name: str, op: str, minimum: int) -> int:
 
 
 def check_num_experts(num_experts, num_ranks: int, op: str) -> int:
-  num_experts = _static_int(num_experts, "num_experts", op, 1)
+  num_experts = check_static_int(num_experts, "num_experts", op, 1)
   if num_experts % num_ranks:
     raise ValueError(f"jax_ep.{op}: num_experts={num_experts} is not divisible "
                      f"by the number of ranks {num_ranks}.")
@@ -56,7 +58,7 @@ def check_num_worst_tokens(num_worst_tokens, num_tokens: int, num_ranks: int,
                            op: str) -> int:
   if num_worst_tokens is None:
     return num_tokens * num_ranks  # Can never overflow.
-  return _static_int(num_worst_tokens, "num_worst_tokens", op, 1)
+  return check_static_int(num_worst_tokens, "num_worst_tokens", op, 1)
 
 
 def _shape_of(a, name: str, op: str):
@@ -122,6 +124,18 @@ def check_handle(handle, num_ranks: int, op: str, *, num_tokens=None,
   if not isinstance(handle, DispatchHandle):
     raise TypeError(f"jax_ep.{op}: handle must be the DispatchHandle returned by "
                     f"dispatch, got {type(handle).__name__}.")
+  leaves = {"send_pos": 2, "recv_src_idx": 1, "recv_src_rank": 1, "num_recv_tokens": 1}
+  for field, ndim in leaves.items():
+    shape = tuple(getattr(getattr(handle, field), "shape", ()))
+    if len(shape) != ndim or (field == "num_recv_tokens" and shape != (1,)):
+      raise ValueError(
+          f"jax_ep.{op}: handle.{field} has shape {shape}, not one rank's view; pass "
+          f"the handle into shard_map with in_specs=P(axis), as it left with "
+          f"out_specs=P(axis).")
+  if handle.recv_src_rank.shape != handle.recv_src_idx.shape:
+    raise ValueError(f"jax_ep.{op}: handle.recv_src_rank has shape "
+                     f"{handle.recv_src_rank.shape} but handle.recv_src_idx "
+                     f"{handle.recv_src_idx.shape}.")
   if handle.num_ranks != num_ranks:
     raise ValueError(f"jax_ep.{op}: handle was made for {handle.num_ranks} ranks, "
                      f"this Buffer has {num_ranks}.")

@@ -33,6 +33,10 @@ combine then include their setup dispatch).
 On machines with several GPUs the copy-engine bandwidth between each pair of
 GPUs (both directions at once, 1 GiB each way) is measured first: the ``p2p``
 figure the GB/s columns are compared with.
+
+Without a GPU it runs on 8 virtual CPU devices (as ``python -m jax_ep`` does),
+the small shape with fewer calls, and reports times only: GB/s of host memory
+shared by virtual devices says nothing about a link.
 """
 from __future__ import annotations
 
@@ -135,14 +139,18 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   def probe(out):
     return keep(jax.tree_util.tree_leaves(out))[0].reshape(-1)[0].astype(jnp.float32)
 
+  keys = jax.random.split(jax.random.key(seed), R)
+  keys = to_global(mesh, [np.asarray(jax.random.key_data(k)) for k in keys])
+  generators = {}  # one jitted generator per shape, the salt an operand: one compile each
+
   def fresh(shape, salt):
     """[R, ...] bf16 normal arrays, one per rank, generated on the devices."""
-    def make(key):
-      k = jax.random.fold_in(key[0], salt)
-      return jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)[None]
-    keys = jax.random.split(jax.random.key(seed), R)
-    keys = to_global(mesh, [np.asarray(jax.random.key_data(k)) for k in keys])
-    return shard(lambda k: make(jax.random.wrap_key_data(k)))(keys)
+    if shape not in generators:
+      def make(key, salt):
+        k = jax.random.fold_in(jax.random.wrap_key_data(key[0]), salt[0, 0])
+        return jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)[None]
+      generators[shape] = shard(make)
+    return generators[shape](keys, to_global(mesh, [np.full((1,), salt, np.int32)] * R))
 
   cap = N * R
   x0 = fresh((N, H), 999)
@@ -240,8 +248,11 @@ def _configs(backends, num_sms_list):
       yield b, n
 
 
-def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps):
-  """One results.json row from per-op lists of per-run seconds (already merged)."""
+def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandwidth=True):
+  """One results.json row from per-op lists of per-run seconds (already merged).
+
+  ``bandwidth=False`` (CPU) leaves the GB/s fields None: they measure links and
+  HBM, which virtual CPU devices do not have."""
   import numpy as np
   if "error" in res:
     row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
@@ -255,6 +266,9 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps):
          "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
   for op in OPS:
     row[f"{'cached' if op == 'cached_dispatch' else op}_us"] = round(med[op] * 1e6, 2)
+  if not bandwidth:
+    row.update(gbps_of=None, dispatch_gbps=None, cached_gbps=None, combine_gbps=None)
+    return row
   if ranks > 1:
     gb = res["crossing_bytes"] / 1e9
     row["gbps_of"] = "crossing"
@@ -280,7 +294,9 @@ def _merge(runs):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--shapes", default="deepep,small")
+  ap.add_argument("--shapes", default=None,
+                  help=f"comma list of {','.join(SHAPES)} (default: both on GPUs, "
+                       "small on CPU)")
   ap.add_argument("--backends", default="all", help="comma list of xla,cuda,ragged or all")
   ap.add_argument("--ranks", type=int, default=0,
                   help="N > 0: N processes as N ranks; 0: this process, all local devices")
@@ -288,18 +304,21 @@ def main(argv=None) -> int:
                   help="with --ranks: G > 0 puts process r on GPU r %% G; 0: all on GPU 0")
   ap.add_argument("--num-sms", default="",
                   help="comma list of num_sms values for the cuda backend (default: its default)")
-  ap.add_argument("--iters", type=int, default=20)
-  ap.add_argument("--reps", type=int, default=7)
-  ap.add_argument("--out", default="", help="folder for results.json and bench.png")
+  ap.add_argument("--iters", type=int, default=None,
+                  help="calls per timed run (default: 20 on GPUs, 5 on CPU)")
+  ap.add_argument("--reps", type=int, default=None,
+                  help="timed runs, the median is reported (default: 7 on GPUs, 3 on CPU)")
+  ap.add_argument("--out", default="", help="folder for results.json and bench.png "
+                  "(default: print the table only)")
   ap.add_argument("--moe", action="store_true",
                   help="instead: the experts' grouped matmuls and the MoE block "
                        "(jax_ep.bench_moe)")
   args = ap.parse_args(argv)
-  if args.moe:
-    return _moe_main(args)
-  shapes = args.shapes.split(",")
   num_sms_list = [int(v) for v in args.num_sms.split(",") if v] or [None]
   from jax_ep import _ext
+  _ext.ensure_host_devices()  # the main job's 8 virtual ranks when there is no GPU
+  if args.moe:
+    return _moe_main(args)
   c = _ext.load()
   num_gpus = c.cuda_device_count() if c is not None and _ext.has_cuda() else 0
 
@@ -317,22 +336,25 @@ def main(argv=None) -> int:
     backends = (["cuda"] if args.backends == "all" and processes == "emulated" else
                 ["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
     env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
+    shapes, iters, reps = _defaults(args, on_gpu=True)
     res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=580, gpus=args.gpus,
-                 kwargs=dict(shapes=shapes, backends=backends, iters=args.iters,
-                             reps=args.reps, num_sms_list=num_sms_list))
+                 kwargs=dict(shapes=shapes, backends=backends, iters=iters,
+                             reps=reps, num_sms_list=num_sms_list))
     for k, run in enumerate(res[0]["runs"]):
       times = _merge([r["runs"][k]["res"] for r in res])
       rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
                        times, times if "error" in times else run["res"], None))
     gpus_used = min(args.gpus, args.ranks) if args.gpus else 1
     device = f"{gpus_used} x {res[0]['device_kind']}"
+    on_gpu = True
   else:
     backends = (["xla", "cuda", "ragged"] if args.backends == "all"
                  else args.backends.split(","))
     # The ragged child runs before this process's XLA takes its share of the GPUs.
     ragged = {}
     if "ragged" in backends and num_gpus > 0 and os.environ.get("JAX_PLATFORMS") != "cpu":
-      ragged = {s: _ragged_in_child(s, args.iters, args.reps) for s in shapes}
+      shapes, iters, reps = _defaults(args, on_gpu=True)
+      ragged = {s: _ragged_in_child(s, iters, reps) for s in shapes}
     import numpy as np
     import jax
     from jax.sharding import Mesh
@@ -340,6 +362,7 @@ def main(argv=None) -> int:
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("ep",))
     on_gpu = devices[0].platform == "gpu"
+    shapes, iters, reps = _defaults(args, on_gpu)
     if "cuda" in backends and not (jax_ep.build_info()["cuda"] and on_gpu):
       backends.remove("cuda")
     copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
@@ -348,14 +371,19 @@ def main(argv=None) -> int:
         if b == "ragged" and s in ragged:
           res = ragged[s]
         else:
-          res = _attempt(mesh, b, s, iters=args.iters, reps=args.reps, num_sms=num_sms)
-        rows.append(_row(b, len(devices), "one", s, num_sms, res, res, copy_gbps))
-        print(_table([rows[-1]], header=False), flush=True)
+          res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms)
+        rows.append(_row(b, len(devices), "one", s, num_sms, res, res, copy_gbps,
+                         bandwidth=on_gpu))
+        print(_table([rows[-1]], _columns(on_gpu), header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"
 
   p2p_gbps = min(p2p.values()) if p2p else None
   print(f"jax_ep.bench on {device}" + (f", p2p {p2p_gbps} GB/s" if p2p_gbps else ""))
-  print(_table(rows))
+  print(_table(rows, _columns(on_gpu)))
+  if not on_gpu:
+    print(f"(CPU: microseconds per op by the host clock, median of {reps} runs of {iters} "
+          "calls; no GB/s: the virtual devices share the host's memory, so no bytes cross "
+          "a link)")
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -375,7 +403,7 @@ def _moe_main(args) -> int:
   backends = [b for b in backends if b != "ragged" and
               (b != "cuda" or (jax_ep.build_info()["cuda"] and on_gpu))]
   copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
-  bench_moe.main(backends, min(args.iters, 7), args.out, copy_gbps)
+  bench_moe.main(backends, min(args.iters or 7, 7) if on_gpu else 3, args.out, copy_gbps)
   return 0
 
 
@@ -396,12 +424,26 @@ def _ragged_in_child(shape, iters, reps, timeout_s=300):
 COLUMNS = ("backend", "num_sms", "ranks", "processes", "shape", "layout_us", "dispatch_us",
            "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
            "note")
+BANDWIDTH_COLUMNS = ("num_sms", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of")
 
 
-def _table(rows, header=True):
-  cells = [[("" if r.get(c) is None else str(r.get(c))[:60]) for c in COLUMNS] for r in rows]
-  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
-  lines = [" | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))] if header else []
+def _defaults(args, on_gpu: bool):
+  """(shapes, iters, reps): the flags, else defaults that keep a CPU run short."""
+  shapes = (args.shapes or ("deepep,small" if on_gpu else "small")).split(",")
+  iters = args.iters or (20 if on_gpu else 5)
+  reps = args.reps or (7 if on_gpu else 3)
+  return shapes, iters, reps
+
+
+def _columns(on_gpu: bool):
+  """The table's columns: on CPU no bandwidth (and no cuda num_sms)."""
+  return COLUMNS if on_gpu else tuple(c for c in COLUMNS if c not in BANDWIDTH_COLUMNS)
+
+
+def _table(rows, columns=COLUMNS, header=True):
+  cells = [[("" if r.get(c) is None else str(r.get(c))[:60]) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+  lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths))] if header else []
   lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)
 

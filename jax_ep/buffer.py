@@ -236,12 +236,16 @@ def check_no_dropped_tokens(handle: DispatchHandle) -> None:
   """Fail a ``checkify``-ed function when a dispatch dropped tokens.
 
   Use inside a function wrapped with ``jax.experimental.checkify.checkify``;
-  the error names the number of tokens routed and the capacity. Without
-  checkify, read ``handle.num_dropped_tokens`` instead.
+  the error names the number of tokens routed and the capacity. Raise it with
+  ``jax.device_get(err).throw()``: on an Explicit mesh JAX's ``err.throw()``
+  fails on an error raised inside ``shard_map`` (a JAX limitation). Without
+  checkify, read ``handle.num_dropped_tokens`` (e.g. its ``psum`` over the
+  axis), which works on every mesh.
   """
   from jax.experimental import checkify
-  checkify.check(handle.num_recv_tokens <= handle.capacity,
+  routed = handle.num_recv_tokens.reshape(())
+  checkify.check(routed <= handle.capacity,
                  "jax_ep: {routed} tokens were routed to this rank but "
                  "num_worst_tokens is {cap}; the excess was dropped.",
-                 routed=handle.num_recv_tokens,
+                 routed=routed,
                  cap=jnp.int32(handle.capacity))

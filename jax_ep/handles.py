@@ -37,13 +37,17 @@ class DispatchHandle:
   """The routing of one dispatch, reused by ``combine`` and cached dispatch.
 
   ``N`` is the number of local tokens, ``R`` the number of ranks and ``M`` the
-  receive capacity (``num_worst_tokens``).
+  receive capacity (``num_worst_tokens``). Every leaf has a leading axis, so
+  the handle leaves ``shard_map`` with ``out_specs=P(axis)`` (stacked over the
+  ranks: ``num_recv_tokens`` becomes ``[R]``) and comes back into another
+  ``shard_map`` with ``in_specs=P(axis)``. The properties describe one rank's
+  view: use them inside ``shard_map``.
   """
 
   send_pos: jax.Array  # [N, R] int32: row of token i on rank d, or -1.
   recv_src_idx: jax.Array  # [M] int32: source token of each row, -1 = padding.
   recv_src_rank: jax.Array  # [M] int32: source rank of each row, -1 = padding.
-  num_recv_tokens: jax.Array  # [] int32: tokens routed here (may exceed M).
+  num_recv_tokens: jax.Array  # [1] int32: tokens routed here (may exceed M).
 
   @property
   def num_tokens(self) -> int:
@@ -60,8 +64,8 @@ class DispatchHandle:
 
   @property
   def num_dropped_tokens(self) -> jax.Array:
-    """Tokens routed to this rank that did not fit in ``M`` rows (device int32).
+    """Tokens routed to this rank that did not fit in ``M`` rows ([] int32).
 
     Dropped tokens are not received, and ``combine`` counts them as zero.
     """
-    return jnp.maximum(self.num_recv_tokens - self.capacity, 0)
+    return jnp.maximum(self.num_recv_tokens.reshape(()) - self.capacity, 0)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jax_ep import _ops
 from jax_ep import grouped_matmul as gmm
 
 ROUTERS = ("softmax", "sigmoid")
@@ -90,7 +91,8 @@ def route(router_w: jax.Array, x: jax.Array, top_k: int, router: str = "softmax"
   if router not in ROUTERS:
     raise ValueError(f"jax_ep.moe: router must be one of {ROUTERS}, got {router!r}.")
   num_experts = router_w.shape[1]
-  if not 1 <= top_k <= num_experts:
+  top_k = _ops.check_static_int(top_k, "top_k", "moe", 1)
+  if top_k > num_experts:
     raise ValueError(f"jax_ep.moe: top_k={top_k} must be in [1, {num_experts}].")
   logits = jnp.dot(x.astype(jnp.float32), router_w.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
@@ -323,6 +325,7 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   N, H = x.shape
   if num_experts is None:
     num_experts = params["router"].shape[1]
+  num_experts = _ops.check_static_int(num_experts, "num_experts", "moe", 1)
   if num_experts % R:
     raise ValueError(f"jax_ep.moe: num_experts={num_experts} is not divisible by the "
                      f"{R} ranks of axis {buf.axis_name!r}.")
@@ -349,7 +352,7 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[
       topk_idx.reshape(-1)].add(1, mode="drop")
   aux = MoeAux(num_dropped_tokens=handle.num_dropped_tokens,
-               num_recv_tokens=handle.num_recv_tokens,
+               num_recv_tokens=handle.num_recv_tokens.reshape(()),
                tokens_per_expert=tokens_per_expert,
                load_balance_loss=load_balance_loss(probs, topk_idx),
                expert_impl=impl)
@@ -358,6 +361,20 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
 
 # --------------------------------------------------------------------------
 # Dense single-device reference.
+
+def _unsharded(a):
+  """``a`` replicated when it is sharded over Explicit mesh axes, else ``a``.
+
+  On an Explicit mesh, sharding propagates through every op, and the dense
+  einsums of expert-sharded weights with token-sharded ``x`` have no legal
+  result sharding; the reference is a one-device computation anyway.
+  """
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not mesh.explicit_axes or all(s is None for s in sharding.spec):
+    return a
+  return jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, P()))
+
 
 def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
                         router: str = "softmax", normalize: bool = True,
@@ -372,6 +389,8 @@ def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
   overflow dropped. Returns float32 ``[T,H]``.
   """
   del num_experts  # Implied by the router weight; accepted for symmetry.
+  params = {k: _unsharded(v) for k, v in params.items()}
+  x = _unsharded(x)
   f32 = jnp.float32
   hi = lax.Precision.HIGHEST
   topk_idx, topk_weights, _ = route(params["router"], x, top_k, router, normalize)

@@ -18,11 +18,17 @@ The target ``"module:function"`` is called in every process as
 its JSON-serialisable return value comes back in rank order.
 
 Command line: ``python -m jax_ep.multiprocess --ranks 4 [--gpus 2] MODULE:FUNCTION [JSON_KWARGS]``.
+
+Every process imports the same jax_ep as the launching one (its package
+folder and its ``_C`` extension), whatever the interpreter would find by
+itself: under ``bazel test`` that is the runfiles' build, not a pip copy.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import socket
@@ -31,6 +37,14 @@ import sys
 import time
 
 _RESULT_TAG = "JAX_EP_RESULT:"
+_IMPORT_FROM = "JAX_EP_IMPORT_FROM"  # env: {"package": dir, "extension": file or None}
+# A child runs this file by path (it imports only the standard library at the
+# top), pins jax_ep to the parent's files, then runs the worker. `-m
+# jax_ep.multiprocess` would import jax_ep before anything could pin it.
+_CHILD = ("import importlib.util, sys; "
+          "spec = importlib.util.spec_from_file_location('_jax_ep_launcher', sys.argv[1]); "
+          "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+          "sys.exit(m._child_main(sys.argv[2:]))")
 
 
 class RankFailure(RuntimeError):
@@ -45,6 +59,41 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def _parent_jax_ep() -> dict:
+  """Where this process's jax_ep and its extension were imported from."""
+  import jax_ep
+  from jax_ep import _ext
+  c = _ext.load()
+  return {"package": os.path.dirname(os.path.abspath(jax_ep.__file__)),
+          "extension": os.path.abspath(c.__file__) if c is not None else None}
+
+
+class _ParentJaxEp:
+  """A meta-path finder, first in line, that resolves ``jax_ep`` and its
+  submodules to the parent's files. Putting the folder on PYTHONPATH would
+  not do: an editable install's finder (a stale one included) comes first."""
+
+  def __init__(self, package: str, extension):
+    self.package, self.extension = package, extension
+
+  def find_spec(self, name, path=None, target=None):
+    if name == "jax_ep":
+      return importlib.util.spec_from_file_location(
+          name, os.path.join(self.package, "__init__.py"),
+          submodule_search_locations=[self.package])
+    if name == "jax_ep._C" and self.extension:
+      return importlib.util.spec_from_file_location(name, self.extension)
+    if name.startswith("jax_ep."):  # `path` is the parent package's, i.e. ours
+      return importlib.machinery.PathFinder.find_spec(name, path)
+    return None
+
+
+def _child_main(argv) -> int:
+  where = json.loads(os.environ.pop(_IMPORT_FROM))
+  sys.meta_path.insert(0, _ParentJaxEp(where["package"], where["extension"]))
+  return main(argv)
 
 
 def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
@@ -72,12 +121,12 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
     mem_fraction = min(0.4, 0.6 / per_gpu)
   base_env = dict(os.environ)
   base_env.update({"XLA_PYTHON_CLIENT_MEM_FRACTION": str(mem_fraction),
-                   "PYTHONUNBUFFERED": "1"})
+                   "PYTHONUNBUFFERED": "1", _IMPORT_FROM: json.dumps(_parent_jax_ep())})
   base_env.update(env or {})
   with tempfile.TemporaryDirectory(prefix="jax_ep_ranks_") as logs:
     procs, files = [], []
     for rank in range(num_ranks):
-      cmd = [sys.executable, "-m", "jax_ep.multiprocess", "--worker",
+      cmd = [sys.executable, "-c", _CHILD, os.path.abspath(__file__), "--worker",
              "--rank", str(rank), "--ranks", str(num_ranks), "--port", str(port),
              "--gpus", str(gpus), target, json.dumps(kwargs or {})]
       # Files, not pipes: a chatty rank can never block on a full pipe.

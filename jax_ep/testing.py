@@ -124,6 +124,34 @@ def reference_combine(ys, dispatched, num_tokens: int, weights=None):
   return outs, wouts
 
 
+class count_compilations:
+  """Counts XLA compilations by function name while the ``with`` block runs.
+
+      with count_compilations() as counts:
+        step(...); step(...)
+      assert counts["jit(step)"] == 1
+
+  Listens to JAX's backend-compile monitoring event, which fires for every
+  compilation (a persistent-cache hit included), so a retrace that changes
+  shardings or shapes shows up even when tracing is cheap.
+  """
+  _EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __enter__(self):
+    import collections
+    self.counts = collections.Counter()
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self.counts
+
+  def _listen(self, event, duration, **kwargs):
+    del duration
+    if event == self._EVENT:
+      self.counts[kwargs.get("fun_name", "?")] += 1
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def make_mesh(num_ranks: int, axis_name: str = "ep", explicit: bool = False):
   """A 1-D mesh over the first ``num_ranks`` devices (``jax.make_mesh`` if explicit)."""
   devices = jax.devices()[:num_ranks]
@@ -286,7 +314,7 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
         exp_w2[row] = ws[s][i]
       np.testing.assert_array_equal(src_rank, exp_rank, where)
       np.testing.assert_array_equal(src_idx, exp_idx, where)
-      assert int(n_recv) == e["num_recv_tokens"], where
+      assert int(n_recv[0]) == e["num_recv_tokens"], where
       tol = dict(rtol=1e-2, atol=1e-2) if jdt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
       np.testing.assert_allclose(out.astype(np.float32), combined[rank], err_msg=where, **tol)
       np.testing.assert_allclose(out_w, combined_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
@@ -294,7 +322,7 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
       np.testing.assert_array_equal(recv_w2, exp_w2, where)
       np.testing.assert_allclose(grad_x.astype(np.float32), grad_ref[rank], err_msg=where,
                                  **tol)
-      num_recv[rank] = int(n_recv)
+      num_recv[rank] = int(n_recv[0])
   buf.destroy()
   return {"ranks": sorted(num_recv), "num_ranks": R, "num_recv_tokens": num_recv,
           "capacity": cap, "repeats": repeats}
@@ -504,5 +532,9 @@ def describe_rank(rank, num_ranks, *, fail_on_rank=None):
   """What one launched process sees (a smoke target for ``jax_ep.multiprocess``)."""
   if rank == fail_on_rank:
     raise RuntimeError(f"rank {rank} was asked to fail")
+  import jax_ep
+  from jax_ep import _ext
+  c = _ext.load()
   return {"rank": rank, "process_index": jax.process_index(),
-          "process_count": jax.process_count(), "platform": jax.devices()[0].platform}
+          "process_count": jax.process_count(), "platform": jax.devices()[0].platform,
+          "jax_ep": jax_ep.__file__, "jax_ep._C": None if c is None else c.__file__}

@@ -9,6 +9,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import jax_ep
 from jax_ep import testing as ept
@@ -97,7 +98,7 @@ def test_dispatch_layout_combine_match_reference(backend, R, N, H, K, E, M, dtyp
     np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"])
     np.testing.assert_array_equal(recv_w, e["recv_topk_weights"])
     np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"])
-    assert int(handle.num_recv_tokens) == e["num_recv_tokens"]
+    np.testing.assert_array_equal(handle.num_recv_tokens, [e["num_recv_tokens"]])
     np.testing.assert_array_equal(handle.send_pos, e["send_pos"])
     kept = len(e["recv_src"])
     np.testing.assert_array_equal(handle.recv_src_rank[:kept], [s for s, _ in e["recv_src"]])
@@ -126,35 +127,49 @@ def test_overflow_is_reported_and_drops_only_the_excess(backend):
 
   res = ept.run_per_rank(per_rank, mesh, xs, idxs)
   ref = ept.reference_dispatch(xs, idxs, ws, E, M)
-  assert int(res[0][0]) == R * N and int(res[0][1]) == R * N - M
+  assert int(res[0][0][0]) == R * N and int(res[0][1]) == R * N - M
   for r in range(R):
-    assert int(res[r][0]) == ref[r]["num_recv_tokens"]
+    np.testing.assert_array_equal(res[r][0], [ref[r]["num_recv_tokens"]])
     assert int(res[r][1]) == max(ref[r]["num_recv_tokens"] - M, 0)
 
 
-def test_check_no_dropped_tokens_raises_under_checkify():
+@pytest.mark.parametrize("explicit", [False, True])
+def test_drops_are_detected_on_both_mesh_kinds(explicit):
   from jax.experimental import checkify
   R, N, E = 2, 8, 2
-  mesh = ept.make_mesh(R)
+  mesh = ept.make_mesh(R, explicit=explicit)
   buf = jax_ep.Buffer(mesh, "ep", backend="xla")
   rng = np.random.default_rng(3)
   xs = [rng.standard_normal((N, 4)).astype(np.float32) for _ in range(R)]
-  idxs = [np.zeros((N, 1), np.int32) for _ in range(R)]
+  idxs = [np.zeros((N, 1), np.int32) for _ in range(R)]  # all to rank 0
+  args = ept.stack_per_rank(mesh, xs, idxs)
 
-  def run(capacity):
+  def dispatch(capacity, x, idx):
+    return buf.dispatch(x[0], topk_idx=idx[0], num_experts=E, num_worst_tokens=capacity)[4]
+
+  def checked(capacity):
     def per_rank(x, idx):
-      *_, handle = buf.dispatch(x, topk_idx=idx, num_experts=E,
-                                num_worst_tokens=capacity)
-      jax_ep.check_no_dropped_tokens(handle)
-      return handle.num_recv_tokens
-    fn = jax.jit(checkify.checkify(ept.per_rank_fn(per_rank, mesh)))
-    return fn(*ept.stack_per_rank(mesh, xs, idxs))
+      jax_ep.check_no_dropped_tokens(dispatch(capacity, x, idx))
+      return x
+    return jax.jit(checkify.checkify(jax.shard_map(
+        per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))))(*args)[0]
 
-  err, _ = run(2 * N)
-  err.throw()  # Enough room: no error.
-  err, _ = run(3)
-  with pytest.raises(checkify.JaxRuntimeError, match="tokens were routed"):
-    err.throw()
+  # README: bring the error to the host before throw(); err.throw() on the
+  # device arrays fails inside JAX on Explicit meshes.
+  jax.device_get(checked(2 * N)).throw()  # Enough room: no error.
+  with pytest.raises(checkify.JaxRuntimeError, match="16 tokens were routed to this rank "
+                     "but num_worst_tokens is 3"):
+    jax.device_get(checked(3)).throw()
+  if not explicit:
+    with pytest.raises(checkify.JaxRuntimeError, match="tokens were routed"):
+      checked(3).throw()
+
+  # The portable way without checkify: the dropped count, summed over ranks.
+  def total_dropped(capacity):
+    return jax.jit(jax.shard_map(
+        lambda x, idx: jax.lax.psum(dispatch(capacity, x, idx).num_dropped_tokens, "ep"),
+        mesh=mesh, in_specs=P("ep"), out_specs=P()))(*args)
+  assert int(total_dropped(2 * N)) == 0 and int(total_dropped(3)) == R * N - 3
 
 
 def test_cached_dispatch_reuses_routing(backend):
@@ -223,3 +238,51 @@ def test_multi_axis_mesh_uses_only_the_ep_axis():
     expected, _ = ept.reference_combine([r["recv_x"] for r in ref], ref, N)
     for r in range(4):
       np.testing.assert_allclose(out[g, r], expected[r], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend, explicit):
+  # Issue 11.1: dispatch in one jitted program, combine and cached dispatch in
+  # another, the handle passed between them with P("ep") both ways.
+  R, N, H, K, E, M = 4, 12, 8, 3, 8, 20
+  rng = np.random.default_rng(13)
+  xs, idxs, ws = _inputs(rng, R, N, H, K, E, jnp.float32)
+  ys = [rng.standard_normal((M, H)).astype(np.float32) for _ in range(R)]
+  x2s = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  mesh = ept.make_mesh(R, explicit=explicit)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
+  spec = P("ep")
+  shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+
+  first = shard(lambda x, i: buf.dispatch(x[0], topk_idx=i[0], num_experts=E,
+                                          num_worst_tokens=M)[4])
+
+  def use(h, y, x2):
+    props = jnp.array([h.num_tokens, h.num_ranks, h.capacity], jnp.int32)
+    out, _ = buf.combine(y[0], h)
+    recv2, _, _, _, _ = buf.dispatch(x2[0], handle=h)
+    return out[None], recv2[None], props[None], h.num_dropped_tokens[None]
+
+  def together(x, i, y, x2):
+    *_, h = buf.dispatch(x[0], topk_idx=i[0], num_experts=E, num_worst_tokens=M)
+    return use(h, y, x2)
+
+  x, idx, y, x2 = ept.stack_per_rank(mesh, xs, idxs, ys, x2s)
+  handle = first(x, idx)
+  two_jits = shard(use)(handle, y, x2)
+  one_program = shard(together)(x, idx, y, x2)
+  for a, b in zip(two_jits, one_program):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  out, recv2, props, dropped = map(np.asarray, two_jits)
+  ref = ept.reference_dispatch(xs, idxs, ws, E, M)
+  ref2 = ept.reference_dispatch(x2s, idxs, ws, E, M)
+  combined, _ = ept.reference_combine(ys, ref, N)
+  for r in range(R):
+    np.testing.assert_array_equal(props[r], [N, R, M])
+    assert dropped[r] == max(ref[r]["num_recv_tokens"] - M, 0)
+    np.testing.assert_allclose(out[r], combined[r], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(recv2[r], ref2[r]["recv_x"])
+  # Outside, the stacked handle holds every rank's count.
+  np.testing.assert_array_equal(np.asarray(handle.num_recv_tokens),
+                                [r["num_recv_tokens"] for r in ref])
+  assert sum(max(r["num_recv_tokens"] - M, 0) for r in ref) > 0  # the case drops

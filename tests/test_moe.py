@@ -240,6 +240,28 @@ def test_unsharded_expert_weights_are_rejected():
     jax.eval_shape(f, params, x)
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_block_and_dense_reference_take_the_same_placed_arrays_on_both_mesh_kinds(explicit):
+  # Issue 11.2: jax.make_mesh gives Explicit axes; the dense reference must
+  # accept the expert-sharded parameters and token-sharded x the block takes.
+  R, N, H, F, E, K = 4, 8, 16, 24, 8, 2
+  rng = np.random.default_rng([17, explicit])
+  mesh = ept.make_mesh(R, explicit=explicit)
+  buf = jax_ep.Buffer(mesh, "ep", backend=BACKEND)
+  params, x = _put(mesh, _params(rng, H, F, E),
+                   jnp.asarray(rng.standard_normal((R * N, H)).astype(np.float32)))
+  ct = jax.device_put(rng.standard_normal((R * N, H)).astype(np.float32),
+                      NamedSharding(mesh, P("ep")))
+  (_, (out, _)), grads = _sharded_loss_and_grads(
+      mesh, buf, top_k=K, router="softmax", normalize=True)(params, x, ct)
+  (_, out_ref), grads_ref = _dense_loss_and_grads(
+      top_k=K, router="softmax", normalize=True)(params, x, ct)
+  _assert_close(out, out_ref, 1e-5, "output")
+  for name in params:
+    _assert_close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
+  _assert_close(grads[1], grads_ref[1], 1e-5, "grad x")
+
+
 def test_expert_impl_is_visible_and_checked():
   R, N, H, F, E, K = 2, 8, 128, 128, 4, 2
   rng = np.random.default_rng(3)

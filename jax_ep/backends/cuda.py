@@ -296,7 +296,8 @@ class CudaBackend:
                             **self._attrs(num_experts=num_experts,
                                           has_weights=topk_weights is not None,
                                           has_layout=layout is not None))
-    handle = DispatchHandle(send_pos, src_idx, src_rank, num_recv)
+    # The kernels keep a scalar; the handle's leaf is [1] (see handles.py).
+    handle = DispatchHandle(send_pos, src_idx, src_rank, num_recv.reshape(1))
     return (recv_x, recv_idx, recv_w if topk_weights is not None else None, counts,
             handle)
 
@@ -309,7 +310,7 @@ class CudaBackend:
         "jax_ep_cached_dispatch",
         (jax.ShapeDtypeStruct((M, H), x.dtype), jax.ShapeDtypeStruct((M, K), jnp.float32)),
         x, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
-        handle.num_recv_tokens, self._rank(), **self._attrs(has_weights=weights is not None))
+        handle.num_recv_tokens.reshape(()), self._rank(), **self._attrs(has_weights=weights is not None))
     return recv_x, (recv_w if weights is not None else None)
 
   def combine(self, y, weights, handle):
@@ -321,7 +322,7 @@ class CudaBackend:
         "jax_ep_combine",
         (jax.ShapeDtypeStruct((N, H), y.dtype), jax.ShapeDtypeStruct((N, K), jnp.float32)),
         y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
-        handle.num_recv_tokens, self._rank(), **self._attrs(has_weights=weights is not None))
+        handle.num_recv_tokens.reshape(()), self._rank(), **self._attrs(has_weights=weights is not None))
     return out, (out_w if weights is not None else None)
 
 

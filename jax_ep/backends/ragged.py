@@ -114,7 +114,7 @@ class RaggedBackend:
     recv_ends = jnp.cumsum(counts[:, me])
     src_rank = jnp.searchsorted(recv_ends, jnp.arange(M), side="right").astype(jnp.int32)
     handle = DispatchHandle(send_pos, jnp.where(valid, recv_meta[:, 2 * K], -1),
-                            jnp.where(valid, src_rank, -1), num_recv)
+                            jnp.where(valid, src_rank, -1), num_recv.reshape(1))
     recv_x = jnp.where(valid[:, None], recv_x, jnp.zeros((), recv_x.dtype))
     return (recv_x, recv_topk_idx, recv_w if topk_weights is not None else None,
             per_expert, handle)

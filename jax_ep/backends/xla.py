@@ -80,7 +80,7 @@ class XlaBackend:
     rank_in_destination = jnp.cumsum(is_in_i32, axis=0) - is_in_i32  # [N, R]
     pos = rows_before_source[me][None, :] + rank_in_destination
     send_pos = jnp.where(is_in & (pos < M), pos, -1).astype(jnp.int32)
-    num_recv_tokens = counts[:, me].sum().astype(jnp.int32)
+    num_recv_tokens = counts[:, me].sum().astype(jnp.int32).reshape(1)
 
     # Receive side: which (source rank, source token) fills each row.
     came_from = _exchange(is_in.T, axis)  # [R(s), N]: token i of s is for me
