@@ -52,7 +52,10 @@ def einsum_ceiling(rows, k, n, iters):
   return median_ms(f, a, b, iters=iters)
 
 
-def configs(mode):
+def configs(mode, grid="default"):
+  if grid == "wide" and mode != "tn":
+    space = itertools.product([(192, 128), (128, 128)], [64, 128], [3, 4, 6], [2, 8, 16])
+    return [gmm.Tiling(bm, bn, bk, s, g) for (bm, bn), bk, s, g in space]
   if mode == "tn":
     space = itertools.product([(128, 128), (64, 256), (128, 64)], [64, 128], [2, 4], [1, 8])
     return [gmm.Tiling(bm, bn, bk, s, g) for (bm, bn), bk, s, g in space]
@@ -65,6 +68,7 @@ def main():
   p.add_argument("--cases", nargs="+", default=list(CASES))
   p.add_argument("--modes", nargs="+", default=["nn_gate", "nn_down", "nt", "tn"])
   p.add_argument("--iters", type=int, default=7)
+  p.add_argument("--grid", default="default", choices=("default", "wide"))
   p.add_argument("--out", default=None)
   args = p.parse_args()
   rng = np.random.default_rng(0)
@@ -79,7 +83,7 @@ def main():
       k, n = {"nn_gate": (H, F), "nn_down": (F, H), "nt": (F, H), "tn": (H, F)}[mode]
       ceiling = einsum_ceiling(rows, k, n, args.iters) if mode != "tn" else None
       best = None
-      for t in configs(kernel_mode):
+      for t in configs(kernel_mode, args.grid):
         gmm._tiling_override[kernel_mode] = t
         if gmm.pick_tiling(kernel_mode, a.shape, b.shape, E) is None:
           continue
