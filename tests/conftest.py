@@ -21,7 +21,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
                             for a in (input_offsets, send_sizes, output_offsets))
   rows = jnp.arange(output.shape[0])
   result = output
-  for s in range(ops.shape[0]):
+  for s in range(ops.shape[0] if ops.shape[1] else 0):  # (no rows to gather from: N = 0)
     start, size = out_off[s, me], sizes[s, me]
     inside = (rows >= start) & (rows < start + size)
     src = jnp.clip(in_off[s, me] + rows - start, 0, ops.shape[1] - 1)
