@@ -1,10 +1,11 @@
 """Argument checks and autodiff around a backend's per-rank ops.
 
 Checks run at trace time and raise ValueError/TypeError naming the argument.
-Autodiff follows DeepEP's pairing, made exact with custom_vjp so every backend
-inherits it: the cotangent of dispatch is a combine, the cotangent of combine
-(and of cached dispatch's inverse) is a cached dispatch. The backward rules call
-the public wrapped ops, so higher-order derivatives work too.
+Autodiff follows DeepEP's pairing, made exact on ``jax_ep.linear.linear_call``
+so every backend inherits it: the cotangent of dispatch (and of cached
+dispatch) is a combine, the cotangent of combine is a cached dispatch, and a
+tangent goes through the same op as the data. Forward and reverse mode, every
+order, and vmap of either work.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from jax_ep.handles import DispatchHandle, DispatchLayout
+from jax_ep.linear import linear_call
 
 _DATA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
@@ -149,16 +151,73 @@ def check_handle(handle, num_ranks: int, op: str, *, num_tokens=None,
 
 
 # --------------------------------------------------------------------------
-# Differentiable ops. `backend` and the static ints are closed over; the
-# custom_vjp functions see arrays (and None) only. They are cached on the
-# backend object (not in a global cache, which would keep every Buffer and its
-# GPU memory alive), so repeated traces reuse one function per configuration.
+# Differentiable ops, on jax_ep.linear.linear_call.
+#
+# Cached dispatch and combine are linear in their data (rows and weights) for
+# a fixed handle, and each is the other's transpose: each is one linear_call,
+# so jvp applies the op to the tangent, grad applies the other op, and every
+# order of either works. Dispatch also computes the routing (not linear, and in
+# the same kernel as the rows), so it is a custom_jvp whose tangent is a cached
+# dispatch of the tangent (a linear_call): reverse mode transposes that into
+# one combine, as before, and the forward pass is still one dispatch.
+#
+# `backend` and the static ints are closed over. The functions are cached on
+# the backend object (not in a global cache, which would keep every Buffer and
+# its GPU memory alive), so repeated traces reuse one per configuration.
 
 def _cached_on(backend, key, make):
   cache = backend.__dict__.setdefault("_jax_ep_op_cache", {})
   if key not in cache:
     cache[key] = make()
   return cache[key]
+
+
+def _leaves(handle: DispatchHandle) -> tuple:
+  return (handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
+          handle.num_recv_tokens)
+
+
+def _send_and_back(backend, weighted: bool, masked: bool):
+  """(cached dispatch, combine) as linear maps for linear_call, each the other's
+  transpose. Residuals: the handle's leaves, then with ``masked`` the receive
+  ids: a weight arrives only in slots of a local expert (dispatch's weights)."""
+  def make():
+    def split(residuals, operands):
+      handle = DispatchHandle(*residuals[:4])
+      weights = operands[1] if weighted else None
+      if masked and weighted:
+        weights_mask = residuals[4] >= 0
+      else:
+        weights_mask = None
+      return handle, operands[0], weights, weights_mask
+
+    def send(residuals, operands):
+      handle, x, w, mask = split(residuals, operands)
+      recv_x, recv_w = backend.cached_dispatch(x, w, handle)
+      if mask is not None:
+        recv_w = jnp.where(mask, recv_w, 0.0)
+      return (recv_x,) if w is None else (recv_x, recv_w)
+
+    def back(residuals, operands):
+      handle, y, w, mask = split(residuals, operands)
+      if mask is not None:
+        w = jnp.where(mask, w, 0.0)
+      out, out_w = backend.combine(y, w, handle)
+      return (out,) if w is None else (out, out_w)
+
+    return send, back
+  return _cached_on(backend, ("send_and_back", weighted, masked), make)
+
+
+def _float0_zeros(tree):
+  """Tangents of integer outputs: symbolic zeros, typed like the outputs
+  (inside shard_map that includes the axes they vary over)."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.custom_derivatives.SymbolicZero(jax.typeof(a).to_tangent_aval()), tree)
+
+
+def _is_zero(tangent) -> bool:
+  return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
 def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int):
@@ -168,71 +227,34 @@ def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int):
 
 def _make_dispatch(backend, num_experts: int, num_worst_tokens: int):
 
-  @jax.custom_vjp
+  @jax.custom_jvp
   def dispatch(x, topk_idx, topk_weights, layout):
     return backend.dispatch(x, topk_idx, topk_weights, layout, num_experts,
                             num_worst_tokens)
 
-  def fwd(x, topk_idx, topk_weights, layout):
-    out = dispatch(x, topk_idx, topk_weights, layout)
-    recv_topk_idx, handle = out[1], out[4]
-    return out, (recv_topk_idx, handle)
+  def jvp(primals, tangents):
+    x, _, topk_weights, _ = primals
+    x_dot, _, w_dot, _ = tangents
+    out = dispatch(*primals)
+    recv_x, recv_topk_idx, recv_w, counts, handle = out
+    weighted = topk_weights is not None and not _is_zero(w_dot)
+    if _is_zero(x_dot) and not weighted:
+      t_x, t_w = jnp.zeros_like(recv_x), None
+    else:
+      # A zero x tangent with a live weight tangent still rides along: the
+      # rows and weights move in one op, as in the primal.
+      x_dot = jnp.zeros_like(x) if _is_zero(x_dot) else x_dot
+      send, back = _send_and_back(backend, weighted, masked=True)
+      t = linear_call(send, back, _leaves(handle) + (recv_topk_idx,),
+                      (x_dot, w_dot) if weighted else (x_dot,))
+      t_x, t_w = t[0], (t[1] if weighted else None)
+    if recv_w is not None and t_w is None:
+      t_w = jnp.zeros_like(recv_w)
+    return out, (t_x, _float0_zeros(recv_topk_idx), t_w, _float0_zeros(counts),
+                 _float0_zeros(handle))
 
-  def bwd(residuals, cotangents):
-    recv_topk_idx, handle = residuals
-    ct_x, _, ct_w, _, _ = cotangents
-    if ct_w is not None:
-      # Only kept slots carried a weight forward.
-      ct_w = jnp.where(recv_topk_idx >= 0, ct_w, 0.0)
-    grad_x, grad_w = combine(backend, ct_x, handle, ct_w)
-    return grad_x, None, grad_w, None
-
-  dispatch.defvjp(fwd, bwd)
+  dispatch.defjvp(jvp, symbolic_zeros=True)
   return dispatch
-
-
-def _cached_dispatch_fn(backend):
-  return _cached_on(backend, ("cached_dispatch",), lambda: _make_cached_dispatch(backend))
-
-
-def _make_cached_dispatch(backend):
-
-  @jax.custom_vjp
-  def cached(x, handle, weights):
-    return backend.cached_dispatch(x, weights, handle)
-
-  def fwd(x, handle, weights):
-    return cached(x, handle, weights), handle
-
-  def bwd(handle, cotangents):
-    ct_x, ct_w = cotangents
-    grad_x, grad_w = combine(backend, ct_x, handle, ct_w)
-    return grad_x, None, grad_w
-
-  cached.defvjp(fwd, bwd)
-  return cached
-
-
-def _combine_fn(backend):
-  return _cached_on(backend, ("combine",), lambda: _make_combine(backend))
-
-
-def _make_combine(backend):
-
-  @jax.custom_vjp
-  def combine_(y, handle, weights):
-    return backend.combine(y, weights, handle)
-
-  def fwd(y, handle, weights):
-    return combine_(y, handle, weights), handle
-
-  def bwd(handle, cotangents):
-    ct_x, ct_w = cotangents
-    grad_y, grad_w = cached_dispatch(backend, ct_x, handle, ct_w)
-    return grad_y, None, grad_w
-
-  combine_.defvjp(fwd, bwd)
-  return combine_
 
 
 def dispatch(backend, x, topk_idx, topk_weights, layout, num_experts,
@@ -242,8 +264,14 @@ def dispatch(backend, x, topk_idx, topk_weights, layout, num_experts,
 
 
 def cached_dispatch(backend, x, handle, weights=None):
-  return _cached_dispatch_fn(backend)(x, handle, weights)
+  send, back = _send_and_back(backend, weights is not None, masked=False)
+  out = linear_call(send, back, _leaves(handle),
+                    (x,) if weights is None else (x, weights))
+  return out[0], (None if weights is None else out[1])
 
 
 def combine(backend, y, handle, weights=None):
-  return _combine_fn(backend)(y, handle, weights)
+  send, back = _send_and_back(backend, weights is not None, masked=False)
+  out = linear_call(back, send, _leaves(handle),
+                    (y,) if weights is None else (y, weights))
+  return out[0], (None if weights is None else out[1])

@@ -28,7 +28,9 @@ def random_routing(rng: np.random.Generator, num_tokens: int, num_topk: int,
                    invalid_fraction: float = 0.02) -> np.ndarray:
   """``[N, K]`` int32 ids: distinct experts per token, some -1, some out of range."""
   idx = np.stack([rng.choice(num_experts, size=min(num_topk, num_experts),
-                             replace=False) for _ in range(num_tokens)])
+                             replace=False) for _ in range(num_tokens)] or
+                 [np.zeros((0, min(num_topk, num_experts)), np.int64)]).reshape(
+                     num_tokens, min(num_topk, num_experts))
   if idx.shape[1] < num_topk:
     pad = -np.ones((num_tokens, num_topk - idx.shape[1]), idx.dtype)
     idx = np.concatenate([idx, pad], axis=1)
@@ -218,11 +220,10 @@ def _to_global(mesh, per_rank, axis_name="ep"):
 
 def _local_ranks(out):
   """{rank: that rank's piece} of a [R, ...] output, for every rank this process holds."""
-  pieces = {}
-  for shard in out.addressable_shards:
-    rank = shard.index[0].start or 0
-    pieces[rank] = np.asarray(shard.data)[0]
-  return pieces
+  # The rank is the device's place on the (1-D) mesh: shard indices say
+  # nothing for an array with no elements.
+  devices = list(out.sharding.mesh.devices.flat)
+  return {devices.index(s.device): np.asarray(s.data)[0] for s in out.addressable_shards}
 
 
 def make_case(seed, num_ranks, num_tokens, hidden, num_topk, num_experts,
@@ -326,6 +327,143 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
   buf.destroy()
   return {"ranks": sorted(num_recv), "num_ranks": R, "num_recv_tokens": num_recv,
           "capacity": cap, "repeats": repeats}
+
+
+def random_configs(rng: np.random.Generator, num_ranks: int, count: int):
+  """``count`` random dispatch configurations for ``num_ranks`` ranks.
+
+  Each is ``dict(N, H, K, E, M, dtype, weighted)``: N in 0..40 (0 and 1 often),
+  K in 1..8, E a multiple of R up to 64 (some below K, so tokens name every
+  expert), H a multiple of 8 (16-byte bf16 rows, as the cuda backend needs),
+  capacity M from tight (a few rows: heavy drops) to loose (N * R, the
+  default), bf16 or f32, with or without weights.
+  """
+  out = []
+  for _ in range(count):
+    N = int(rng.choice([0, 1, int(rng.integers(2, 41))], p=[0.1, 0.15, 0.75]))
+    K = int(rng.integers(1, 9))
+    E = num_ranks * int(rng.integers(1, max(2, 64 // num_ranks) + 1))
+    tight = rng.random() < 0.5
+    M = int(rng.integers(1, max(2, N * num_ranks // 2 + 1))) if tight else None
+    out.append(dict(N=N, H=8 * int(rng.integers(1, 5)), K=K, E=E, M=M,
+                    dtype=str(rng.choice(["float32", "bfloat16"])),
+                    weighted=bool(rng.random() < 0.7)))
+  return out
+
+
+def check_random_routings(process, num_processes, *, count=1008, seed=0, backend="xla",
+                          ranks=(1, 2, 4, 8), per_config=24, num_sms=8):
+  """``count`` random routings through every op, each against the NumPy reference.
+
+  In one process, for each R in ``ranks`` that fits the local devices (a mesh
+  of the first R); under ``jax_ep.multiprocess`` for the global mesh only.
+  Routings come in groups of ``per_config`` with one random configuration
+  (``random_configs``) per group, run by one jitted program over the group
+  (``lax.map``), so a configuration compiles once. Each routing has fresh
+  inputs with -1 and out-of-range ids, and checks layout, dispatch (rows, ids,
+  weights, counts, handle), combine with weights, and cached dispatch.
+  Raises AssertionError naming the configuration and routing on a mismatch.
+  """
+  import jax_ep
+  from jax import lax
+  rng = np.random.default_rng(seed)
+  if num_processes > 1:
+    meshes = [_global_mesh()]
+  else:
+    local = jax.local_devices()
+    meshes = [Mesh(np.array(local[:r]), ("ep",)) for r in ranks if r <= len(local)]
+  groups = -(-count // per_config)
+  done, configs = 0, []
+  for g in range(groups):
+    mesh = meshes[g % len(meshes)]
+    R = mesh.size
+    c = random_configs(rng, R, 1)[0]
+    configs.append(dict(c, R=R))
+    N, H, K, E, M, weighted = c["N"], c["H"], c["K"], c["E"], c["M"], c["weighted"]
+    B = min(per_config, count - done)
+    cap = M or N * R
+    dt = jnp.dtype(c["dtype"])
+    nbytes = (jax_ep.Buffer.get_buffer_size_hint(max(N, 1), H, R, K, dt, M)
+              if backend == "cuda" else None)
+    buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes,
+                        **({"num_sms": num_sms} if backend == "cuda" else {}))
+
+    def one(args):
+      x, idx, w, y, x2 = args
+      x, y, x2 = x.astype(dt), y.astype(dt), x2.astype(dt)
+      w = w if weighted else None
+      layout = buf.get_dispatch_layout(idx, E)
+      recv_x, recv_idx, recv_w, counts, h = buf.dispatch(
+          x, topk_idx=idx, topk_weights=w, num_experts=E, num_worst_tokens=M)
+      out, out_w = buf.combine(y, h, topk_weights=recv_w)
+      recv_x2, _, _, _, _ = buf.dispatch(x2, handle=h)
+      res = (tuple(layout), recv_x, recv_idx, counts, h.send_pos, h.recv_src_idx,
+             h.recv_src_rank, h.num_recv_tokens, out, recv_x2)
+      return res + ((recv_w, out_w) if weighted else ())
+
+    def per_rank(anchor, *args):
+      out = lax.map(one, [a[0] for a in args])
+      return jax.tree_util.tree_map(lambda a: a[None], out), anchor
+
+    # `anchor` (one element per rank) keeps the program from being all empty
+    # arrays when N = 0: XLA (Shardy) then fails to compile the shard_map.
+
+    fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+    def rounded(shape):
+      return np.asarray(jnp.asarray(rng.standard_normal(shape), dt).astype(jnp.float32))
+
+    cases = []
+    for _ in range(B):
+      cases.append(dict(
+          x=[rounded((N, H)) for _ in range(R)], y=[rounded((cap, H)) for _ in range(R)],
+          x2=[rounded((N, H)) for _ in range(R)],
+          idx=[random_routing(rng, N, K, E, none_fraction=0.15, invalid_fraction=0.05)
+               for _ in range(R)],
+          w=[(rng.random((N, K)) + 0.1).astype(np.float32) for _ in range(R)]))
+    stacked = [_to_global(mesh, [np.stack([cs[k][r] for cs in cases]) for r in range(R)])
+               for k in ("x", "idx", "w", "y", "x2")]
+    anchor = _to_global(mesh, [np.zeros((1,), np.int32)] * R)
+    leaves, tree = jax.tree_util.tree_flatten(fn(anchor, *stacked)[0])
+    pieces = [_local_ranks(leaf) for leaf in leaves]  # {rank: [B, ...]} per leaf
+    got = {rank: jax.tree_util.tree_unflatten(tree, [p[rank] for p in pieces])
+           for rank in pieces[0]}
+    tol = dict(rtol=1e-2, atol=1e-2) if dt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for b, cs in enumerate(cases):
+      ws = cs["w"] if weighted else [None] * R
+      ref = reference_dispatch(cs["x"], cs["idx"], ws, E, M)
+      ref2 = reference_dispatch(cs["x2"], cs["idx"], ws, E, M)
+      comb, comb_w = reference_combine(cs["y"], ref, N,
+                                       [r["recv_topk_weights"] for r in ref] if weighted
+                                       else None)
+      for rank, outs in got.items():
+        outs = [jax.tree_util.tree_map(lambda a: np.asarray(a[b]), o) for o in outs]
+        (per_rank_count, per_expert, in_rank), recv_x, recv_idx, counts, send_pos, src_idx, \
+            src_rank, n_recv, out, recv_x2 = outs[:10]
+        e = ref[rank]
+        where = f"{backend} config {c} routing {b} rank {rank}/{R}"
+        np.testing.assert_array_equal(per_rank_count, e["num_tokens_per_rank"], where)
+        np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
+        np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
+        np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
+        np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
+        np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
+        np.testing.assert_array_equal(send_pos, e["send_pos"], where)
+        kept = e["recv_src"]
+        np.testing.assert_array_equal(src_rank, [s for s, _ in kept] + [-1] * (cap - len(kept)),
+                                      where)
+        np.testing.assert_array_equal(src_idx, [i for _, i in kept] + [-1] * (cap - len(kept)),
+                                      where)
+        np.testing.assert_array_equal(n_recv, [e["num_recv_tokens"]], where)
+        np.testing.assert_allclose(out.astype(np.float32), comb[rank], err_msg=where, **tol)
+        np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
+        if weighted:
+          recv_w, out_w = outs[10], outs[11]
+          np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
+          np.testing.assert_allclose(out_w, comb_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
+    buf.destroy()
+    done += B
+  return {"routings": done, "backend": backend, "configs": configs}
 
 
 def _run_failing(fn, args, hang_s=120):

@@ -1,8 +1,8 @@
 """Dispatch, layout and combine of the portable backends against the NumPy reference.
 
 The ``ragged`` backend needs ``lax.ragged_all_to_all``, which XLA:CPU lacks;
-here it runs on an all-gather emulation of that collective (``_emulated``), so
-what is tested is its offset and size bookkeeping.
+here it runs on an all-gather emulation of that collective (the ``backend``
+fixture, ``conftest.py``), so what is tested is its offset and size bookkeeping.
 """
 import numpy as np
 import pytest
@@ -14,33 +14,6 @@ from jax.sharding import PartitionSpec as P
 import jax_ep
 from jax_ep import testing as ept
 
-
-
-def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                                recv_sizes, *, axis_name):
-  """lax.ragged_all_to_all's semantics from all_gathers (per rank, in shard_map)."""
-  from jax import lax
-  me = lax.axis_index(axis_name)
-  ops = lax.all_gather(operand, axis_name)
-  in_off, sizes, out_off = (lax.all_gather(a, axis_name)
-                            for a in (input_offsets, send_sizes, output_offsets))
-  rows = jnp.arange(output.shape[0])
-  result = output
-  for s in range(ops.shape[0]):
-    start, size = out_off[s, me], sizes[s, me]
-    inside = (rows >= start) & (rows < start + size)
-    src = jnp.clip(in_off[s, me] + rows - start, 0, ops.shape[1] - 1)
-    mask = inside.reshape(inside.shape + (1,) * (output.ndim - 1))
-    result = jnp.where(mask, ops[s][src], result)
-  # Receivers must expect exactly what senders send.
-  return jnp.where(jnp.all(recv_sizes == sizes[:, me]), result, jnp.full_like(result, 7))
-
-
-@pytest.fixture(params=["xla", "ragged"])
-def backend(request, monkeypatch):
-  if request.param == "ragged":
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
-  return request.param
 
 
 def _inputs(rng, R, N, H, K, E, dtype):

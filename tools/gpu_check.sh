@@ -15,6 +15,10 @@
 #   kernels    per-kernel device times at R = 1 (ncu)
 #   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
 #              (Hopper), on every local GPU in one process
+#   random     1008 random routings on the cuda backend against the NumPy
+#              reference (tests/test_random_routings.py's check): one process
+#              on every GPU (R = 1, 2, 4, 8 up to the GPU count), then 336 each
+#              with 2, 4 and 8 ranks emulated on GPU 0, and one process per GPU
 # Logs go to $OUT (the device tool's return folder) or /tmp/jax_ep_gpu_check.
 # Env: PYTEST_K (extra -k filter for tests), BENCH_ARGS (extra bench arguments).
 set -uo pipefail
@@ -88,6 +92,28 @@ if has tests; then
   [ -n "${PYTEST_K:-}" ] && K="$K and ($PYTEST_K)"
   timeout 560 $PY -m pytest -q -rs tests/gpu -k "$K" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has random; then
+  echo "=== random routings, cuda backend"
+  RANDOM_OK=1
+  JAX_PLATFORMS=cuda timeout 560 $PY -c "from jax_ep import testing as t; \
+s = t.check_random_routings(0, 1, backend='cuda', count=1008); \
+print('one process:', s['routings'], 'routings, R =', sorted({c['R'] for c in s['configs']}))" \
+    2>&1 | tee "$OUT/random.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || RANDOM_OK=0
+  for r in 2 4 8; do
+    timeout 560 $PY -m jax_ep.multiprocess --ranks "$r" jax_ep.testing:check_random_routings \
+      '{"backend": "cuda", "count": 336}' >"$OUT/random_emulated$r.log" 2>&1 \
+      && echo "emulated R = $r: 336 routings ok" \
+      || { RANDOM_OK=0; tail -30 "$OUT/random_emulated$r.log"; }
+  done
+  if [ "$NGPU" -gt 1 ]; then
+    timeout 560 $PY -m jax_ep.multiprocess --ranks "$NGPU" --gpus "$NGPU" \
+      jax_ep.testing:check_random_routings '{"backend": "cuda", "count": 336}' \
+      >"$OUT/random_pergpu.log" 2>&1 && echo "one process per GPU (R = $NGPU): 336 routings ok" \
+      || { RANDOM_OK=0; tail -30 "$OUT/random_pergpu.log"; }
+  fi
+  [ "$RANDOM_OK" = 1 ] || status=1
 fi
 if has bench; then
   echo "=== bench (one process, every GPU)"

@@ -45,6 +45,8 @@ def _broadcast_exchange(a: jax.Array, num_ranks: int,
 def _gather_rows(received: jax.Array, handle: DispatchHandle) -> jax.Array:
   """Pick each receive row out of the [R, N, ...] exchange result; zero padding."""
   num_ranks, num_tokens = received.shape[:2]
+  if num_tokens == 0:  # Nothing was sent anywhere (and XLA cannot gather from 0 rows).
+    return jnp.zeros(handle.recv_src_idx.shape + received.shape[2:], received.dtype)
   flat = received.reshape((num_ranks * num_tokens,) + received.shape[2:])
   valid = handle.recv_src_rank >= 0
   index = jnp.where(valid, handle.recv_src_rank * num_tokens + handle.recv_src_idx, 0)
