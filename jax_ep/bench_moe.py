@@ -12,9 +12,9 @@ Two tables:
   device-to-device copy bandwidth.
 - **The MoE block** over every local device (one process), per backend: a
   fwd+bwd step at the DeepSeek-like shape (4096 tokens/rank, H = 7168,
-  F = 2048, 64 experts, top-8), the same step's dispatch + combine alone (fwd
-  + bwd, the experts replaced by a weighting) and their share, and a
-  128-token decode forward.
+  F = 2048, 64 experts, top-8, float32 master weights), the same step's
+  dispatch + combine alone (fwd + bwd, the experts replaced by a weighting)
+  and their share, and a 128-token decode forward with bf16 weights.
 
 Kernel times on GPUs are CUPTI's (``jax.experimental.mosaic.gpu.profiler``),
 median of ``--iters``; the block's steps are host-timed around a device sync
@@ -147,6 +147,9 @@ def block_rows(devices, backends, iters, expert_impl="auto"):
   specs = moe.moe_param_specs("ep")
   params = moe.init_moe_params(jax.random.key(1), H, F, E)
   params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+  # Decode serves bf16 weights (training keeps float32 masters and casts per
+  # step, which at 128 tokens would cost more than the experts themselves).
+  serving = {k: v if k == "router" else v.astype(jnp.bfloat16) for k, v in params.items()}
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))
   x = put(jax.random.normal(jax.random.key(2), (R * N, H), jnp.bfloat16))
   ct = put(jax.random.normal(jax.random.key(3), (R * N, H), jnp.bfloat16))
@@ -186,11 +189,11 @@ def block_rows(devices, backends, iters, expert_impl="auto"):
       row["comm_ms"] = _host_ms(step_of(comm), params, x, iters=iters)
       row["comm_share"] = row["comm_ms"] / row["step_ms"]
       row["decode_tokens_per_rank"] = cfg["decode_N"]
-      row["decode_ms"] = _host_ms(jax.jit(sm(block)), params, xd, iters=iters)
+      row["decode_ms"] = _host_ms(jax.jit(sm(block)), serving, xd, iters=iters)
       if backend == backends[0] and row["expert_impl"] != "ragged_dot":
         def block_ragged(p, x):
           return moe.moe_block(buf, p, x, top_k=K, expert_impl="ragged_dot")[0]
-        row["decode_ms_ragged_dot"] = _host_ms(jax.jit(sm(block_ragged)), params, xd,
+        row["decode_ms_ragged_dot"] = _host_ms(jax.jit(sm(block_ragged)), serving, xd,
                                                iters=iters)
     except Exception as e:
       row["note"] = str(e).splitlines()[0][:200]

@@ -89,11 +89,11 @@ class Tiling:
 # one the shape admits is used. "small": at most 128 rows per group on average
 # (decode), where wide, short tiles read the weights with fewer passes.
 _TILINGS = {
-    "nn": {"large": (Tiling(128, 128, 64, 6, 4), Tiling(128, 128, 64, 6, 1),
+    "nn": {"large": (Tiling(192, 128, 64, 4, 8), Tiling(128, 128, 64, 6, 4),
                      Tiling(64, 128, 64, 4, 1)),
            "small": (Tiling(64, 256, 64, 4, 4), Tiling(128, 128, 64, 6, 4),
                      Tiling(64, 128, 64, 4, 1))},
-    "nt": {"large": (Tiling(128, 128, 64, 6, 4), Tiling(128, 128, 64, 6, 1),
+    "nt": {"large": (Tiling(192, 128, 64, 4, 8), Tiling(128, 128, 64, 6, 4),
                      Tiling(64, 128, 64, 4, 1)),
            "small": (Tiling(64, 128, 64, 6, 4), Tiling(64, 128, 64, 6, 1))},
     "tn": {"large": (Tiling(128, 128, 64, 4, 8), Tiling(128, 128, 64, 4, 1),
