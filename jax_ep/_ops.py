@@ -21,6 +21,30 @@ _DATA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
 # --------------------------------------------------------------------------
+# Typing the results of opaque kernels inside shard_map.
+
+def varying_axes(a) -> frozenset:
+  """Mesh axes a value inside shard_map varies over (JAX's manual axis type)."""
+  t = jax.typeof(a)
+  manual = getattr(t, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(t, "vma", ()))
+
+
+def mark_varying(out, inputs, axes=()):
+  """``out`` marked varying over ``axes`` and every axis an input varies over.
+
+  An ffi_call's or a Pallas kernel's result type says nothing about varying
+  axes, yet it differs per rank like its inputs, and autodiff inside shard_map
+  checks that cotangents are typed like their primals.
+  """
+  want = frozenset(axes).union(*(varying_axes(a) for a in inputs))
+  missing = tuple(sorted(want - varying_axes(out)))
+  return lax.pcast(out, missing, to="varying") if missing else out
+
+
+# --------------------------------------------------------------------------
 # Trace-time checks.
 
 def check_axis(axis_name: str, num_ranks: int, op: str) -> None:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_ep import _ops
 from jax_ep.linear import linear_call
 
 IMPLS = ("auto", "ragged_dot", "mosaic")
@@ -184,22 +185,8 @@ def _mosaic(mode, a, b, group_sizes, out_dtype):
     out = ragged.ragged_dot(a, b, group_sizes=group_sizes,
                             transpose_rhs=(mode == "nt"), **t)
     out = _rows_below(out[:rows], group_sizes)
-  return _varying_like(out.astype(out_dtype), a, b, group_sizes)
-
-
-def _varying_like(out, *inputs):
-  """Mark ``out`` varying over the shard_map axes its inputs vary over: a
-  Pallas kernel's result type does not say so, and autodiff inside shard_map
-  needs cotangents typed like their primals."""
-  vma = frozenset().union(*(_varying_axes(x) for x in inputs))
-  missing = tuple(sorted(vma - _varying_axes(out)))
-  return lax.pcast(out, missing, to="varying") if missing else out
-
-
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)  # jax >= 0.10: ManualAxisType.varying
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+  # A Pallas kernel's result type omits shard_map's varying axes.
+  return _ops.mark_varying(out.astype(out_dtype), (a, b, group_sizes))
 
 
 def _ragged_dot(mode, a, b, group_sizes, out_dtype):

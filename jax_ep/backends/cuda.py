@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep import _ext
+from jax_ep import _ext, _ops
 from jax_ep.handles import DispatchHandle, DispatchLayout
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
@@ -93,15 +93,6 @@ def _install_timeout_reporter(c) -> None:
 
   sys.excepthook = excepthook
   atexit.register(report)
-
-
-def _varying_axes(a) -> set:
-  """Mesh axes a value inside shard_map varies over (JAX's manual axis type)."""
-  t = jax.typeof(a)
-  manual = getattr(t, "manual_axis_type", None)
-  if manual is not None:
-    return set(manual.varying)
-  return set(getattr(t, "vma", ()))
 
 
 def _or_empty(weights, num_topk):
@@ -256,11 +247,7 @@ class CudaBackend:
     plus ours.
     """
     outs = jax.ffi.ffi_call(target, result_shapes)(*operands, **attrs)
-    axes = {self.axis_name}.union(*(_varying_axes(a) for a in operands))
-    def mark(a):
-      missing = tuple(sorted(axes - _varying_axes(a)))
-      return lax.pcast(a, missing, to="varying") if missing else a
-    return tuple(mark(a) for a in outs)
+    return tuple(_ops.mark_varying(a, operands, (self.axis_name,)) for a in outs)
 
   # -- ops ------------------------------------------------------------------------
   def layout(self, topk_idx, num_experts):
