@@ -495,6 +495,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     for (int bb = lane; bb < G; bb += 32) bad |= block_counts[bb * (kMaxRanks + 1) + kMaxRanks];
     if (__any_sync(kFullMask, bad)) {
+      // Record our fault before the abort reaches the peers: ranks driven by
+      // one process share its fault record, whose first writer names the
+      // failure, and a peer that sees the abort records "rank me gave up".
+      if (lane == 0) {
+        RecordFault(g.fault_record, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
+        __threadfence_system();
+      }
+      __syncwarp();
       SendHellos(g, par, me, PackHello(seq, kOpAbort, 0), lane);
       __syncwarp();
       if (lane == 0) Fail(g, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);

@@ -96,7 +96,7 @@ fi
 if has random; then
   echo "=== random routings, cuda backend"
   RANDOM_OK=1
-  JAX_PLATFORMS=cuda timeout 560 $PY -c "from jax_ep import testing as t; \
+  JAX_PLATFORMS=cuda timeout 560 $PY -X faulthandler -c "from jax_ep import testing as t; \
 s = t.check_random_routings(0, 1, backend='cuda', count=1008); \
 print('one process:', s['routings'], 'routings, R =', sorted({c['R'] for c in s['configs']}))" \
     2>&1 | tee "$OUT/random.log" | tail -5
