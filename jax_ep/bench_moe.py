@@ -53,18 +53,11 @@ def _timer(on_gpu, iters):
       return float(np.median(times))
     return timed
 
-  def host(f, *args):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-      t = time.perf_counter()
-      jax.block_until_ready(f(*args))
-      times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-  return host
+  return lambda f, *args: _host_ms(f, *args, iters=iters)
 
 
 def _host_ms(f, *args, iters):
+  """Median host ms around a device sync, after two warm-up calls."""
   jax.block_until_ready(f(*args))
   jax.block_until_ready(f(*args))
   times = []
