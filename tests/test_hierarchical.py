@@ -8,6 +8,8 @@ must match bit for bit; in float32 it is also checked close to the flat sum.
 Drops at the node hop are checked against the flat Buffer run on the routing
 that survived the node hop (the lost (token, node) experts set to -1).
 """
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -276,3 +278,12 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="handle must come from this Buffer's dispatch"):
     run(buf, hmesh, AXES, lambda x, i: buf.combine(x, flat_handle)[0])
 
+
+def test_main_job_on_a_two_axis_mesh(capsys):
+  from jax_ep import __main__ as main_job
+  rc = main_job.main(["--mesh", "2x4", "--tokens", "16", "--hidden", "32", "--iters", "1"])
+  text = capsys.readouterr().out
+  assert rc == 0, text
+  assert re.search(r"mesh 2x4 \(node x local\): .* MB cross the node axis", text), text
+  row = next(l for l in text.splitlines() if l.split()[:1] == ["xla"])
+  assert row.split()[-1] == "ok", row
