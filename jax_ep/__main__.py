@@ -18,6 +18,9 @@ def main(argv=None) -> int:
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--backend", default="all", help="xla, cuda, auto or all (every one present)")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--mesh", default="",
+                  help="NODExLOCAL (e.g. 2x4): expert parallelism over a two-axis mesh "
+                       "('node', 'local') of the first NODE*LOCAL devices (xla hops)")
   args = ap.parse_args(argv)
   from jax_ep._ext import ensure_host_devices
   ensure_host_devices()
@@ -32,11 +35,18 @@ def main(argv=None) -> int:
   from jax_ep.bench import crossing_bytes_per_rank
 
   devices = jax.local_devices()
+  if args.mesh:
+    shape = parse_mesh(args.mesh, len(devices))
+    devices = devices[:shape[0] * shape[1]]
+    mesh, axis = Mesh(np.array(devices).reshape(shape), ("node", "local")), ("node", "local")
+  else:
+    mesh, axis = Mesh(np.array(devices), ("ep",)), "ep"
   R = len(devices)
-  mesh = Mesh(np.array(devices), ("ep",))
   N, H, K, E = args.tokens, args.hidden, args.topk, args.experts
   E = max(E - E % R, R)
   backends = ["xla", "cuda"] if args.backend == "all" else [args.backend]
+  if args.mesh and args.backend == "all":
+    backends = ["xla"]  # the cuda local hop is not built (Buffer says so if asked)
   if "cuda" in backends and not (jax_ep.build_info()["cuda"] and devices[0].platform == "gpu"):
     backends.remove("cuda")
   xs, idxs, ws, _, _ = ept.make_case(0, R, N, H, K, E, dtype="bfloat16")
@@ -48,11 +58,20 @@ def main(argv=None) -> int:
 
   print(f"jax_ep {jax_ep.__version__} on {R} x {devices[0].device_kind} "
         f"({jax.default_backend()}), build {jax_ep.build_info()}")
+  if args.mesh:
+    from jax_ep.bench import node_hop_bytes_per_rank
+    node_hop = node_hop_bytes_per_rank([r["is_token_in_rank"] for r in ref], shape[1], H * 2)
+    flat_cross = sum(
+        int(r["is_token_in_rank"][:, [d for d in range(R) if d // shape[1] != s // shape[1]]]
+            .sum()) for s, r in enumerate(ref)) * H * 2 / R
+    print(f"mesh {args.mesh} (node x local): per rank and dispatch, {node_hop / 1e6:.3f} MB "
+          f"cross the node axis (one row per token and destination node); a flat "
+          f"all-to-all would send {flat_cross / 1e6:.3f} MB across nodes")
   print(f"{'backend':>8} {'ranks':>5} {'tokens':>6} {'hidden':>6} {'topk':>4} "
         f"{'round trip ms':>13} {'GB/s':>7} {'max err':>8} {'allowed':>8} check")
   failed = False
   for name in backends:
-    buf = jax_ep.Buffer(mesh, "ep", backend=name,
+    buf = jax_ep.Buffer(mesh, axis, backend=name,
                         num_nvl_bytes=(jax_ep.Buffer.get_buffer_size_hint(N, H, R, K)
                                        if name == "cuda" else None))
 
@@ -62,8 +81,9 @@ def main(argv=None) -> int:
       y = (recv_x.astype(jnp.float32) * recv_w.sum(1, keepdims=True)).astype(recv_x.dtype)
       return buf.combine(y, h)[0][None]
 
-    fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
-    args_ = ept.stack_per_rank(mesh, [x.astype(jnp.bfloat16) for x in xs], idxs, ws)
+    fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
+    args_ = ept.stack_per_rank(mesh, [x.astype(jnp.bfloat16) for x in xs], idxs, ws,
+                               axis_name=axis)
     out = np.asarray(fn(*args_).astype(jnp.float32))
     times = []
     for _ in range(args.iters):
@@ -86,6 +106,20 @@ def main(argv=None) -> int:
         "jax_ep.testing's NumPy model of dispatch -> expert -> combine in float32; "
         "allowed: 2% of the reference's largest |value|, for bfloat16 rounding)")
   return 1 if failed else 0
+
+
+def parse_mesh(text: str, num_devices: int) -> tuple:
+  """``"2x4"`` -> (2, 4), checked against the devices there are."""
+  try:
+    shape = tuple(int(v) for v in text.lower().split("x"))
+  except ValueError:
+    shape = ()
+  if len(shape) != 2 or min(shape) < 1:
+    raise SystemExit(f"--mesh must be NODExLOCAL with positive sizes (e.g. 2x4), got {text!r}")
+  if shape[0] * shape[1] > num_devices:
+    raise SystemExit(f"--mesh {text} needs {shape[0] * shape[1]} devices, there are "
+                     f"{num_devices}")
+  return shape
 
 
 if __name__ == "__main__":

@@ -197,20 +197,24 @@ def _cached_on(backend, key, make):
 
 
 def _leaves(handle: DispatchHandle) -> tuple:
-  return (handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
-          handle.num_recv_tokens)
+  # Every leaf: a backend's handle may carry more than DispatchHandle's four
+  # (the hierarchical backend's hop routing).
+  return tuple(jax.tree_util.tree_leaves(handle))
 
 
-def _send_and_back(backend, weighted: bool, masked: bool):
+def _send_and_back(backend, weighted: bool, masked: bool, handle_tree):
   """(cached dispatch, combine) as linear maps for linear_call, each the other's
-  transpose. Residuals: the handle's leaves, then with ``masked`` the receive
-  ids: a weight arrives only in slots of a local expert (dispatch's weights)."""
+  transpose. Residuals: the handle's leaves (``handle_tree`` rebuilds it), then
+  with ``masked`` the receive ids: a weight arrives only in slots of a local
+  expert (dispatch's weights)."""
   def make():
+    num_leaves = handle_tree.num_leaves
+
     def split(residuals, operands):
-      handle = DispatchHandle(*residuals[:4])
+      handle = jax.tree_util.tree_unflatten(handle_tree, residuals[:num_leaves])
       weights = operands[1] if weighted else None
       if masked and weighted:
-        weights_mask = residuals[4] >= 0
+        weights_mask = residuals[num_leaves] >= 0
       else:
         weights_mask = None
       return handle, operands[0], weights, weights_mask
@@ -230,7 +234,7 @@ def _send_and_back(backend, weighted: bool, masked: bool):
       return (out,) if w is None else (out, out_w)
 
     return send, back
-  return _cached_on(backend, ("send_and_back", weighted, masked), make)
+  return _cached_on(backend, ("send_and_back", weighted, masked, handle_tree), make)
 
 
 def _float0_zeros(tree):
@@ -244,17 +248,18 @@ def _is_zero(tangent) -> bool:
   return tangent is None or isinstance(tangent, jax.custom_derivatives.SymbolicZero)
 
 
-def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int):
-  return _cached_on(backend, ("dispatch", num_experts, num_worst_tokens),
-                    lambda: _make_dispatch(backend, num_experts, num_worst_tokens))
+def _dispatch_fn(backend, num_experts: int, num_worst_tokens: int, options: tuple):
+  return _cached_on(backend, ("dispatch", num_experts, num_worst_tokens, options),
+                    lambda: _make_dispatch(backend, num_experts, num_worst_tokens,
+                                           dict(options)))
 
 
-def _make_dispatch(backend, num_experts: int, num_worst_tokens: int):
+def _make_dispatch(backend, num_experts: int, num_worst_tokens: int, options: dict):
 
   @jax.custom_jvp
   def dispatch(x, topk_idx, topk_weights, layout):
     return backend.dispatch(x, topk_idx, topk_weights, layout, num_experts,
-                            num_worst_tokens)
+                            num_worst_tokens, **options)
 
   def jvp(primals, tangents):
     x, _, topk_weights, _ = primals
@@ -268,7 +273,8 @@ def _make_dispatch(backend, num_experts: int, num_worst_tokens: int):
       # A zero x tangent with a live weight tangent still rides along: the
       # rows and weights move in one op, as in the primal.
       x_dot = jnp.zeros_like(x) if _is_zero(x_dot) else x_dot
-      send, back = _send_and_back(backend, weighted, masked=True)
+      send, back = _send_and_back(backend, weighted, True,
+                                  jax.tree_util.tree_structure(handle))
       t = linear_call(send, back, _leaves(handle) + (recv_topk_idx,),
                       (x_dot, w_dot) if weighted else (x_dot,))
       t_x, t_w = t[0], (t[1] if weighted else None)
@@ -282,20 +288,25 @@ def _make_dispatch(backend, num_experts: int, num_worst_tokens: int):
 
 
 def dispatch(backend, x, topk_idx, topk_weights, layout, num_experts,
-             num_worst_tokens):
-  return _dispatch_fn(backend, num_experts, num_worst_tokens)(
+             num_worst_tokens, **options):
+  """``options``: static keyword arguments of this backend's dispatch (the
+  hierarchical backend's ``num_worst_forward_tokens``)."""
+  return _dispatch_fn(backend, num_experts, num_worst_tokens,
+                      tuple(sorted(options.items())))(
       x, topk_idx, topk_weights, layout)
 
 
 def cached_dispatch(backend, x, handle, weights=None):
-  send, back = _send_and_back(backend, weights is not None, masked=False)
+  send, back = _send_and_back(backend, weights is not None, False,
+                              jax.tree_util.tree_structure(handle))
   out = linear_call(send, back, _leaves(handle),
                     (x,) if weights is None else (x, weights))
   return out[0], (None if weights is None else out[1])
 
 
 def combine(backend, y, handle, weights=None):
-  send, back = _send_and_back(backend, weights is not None, masked=False)
+  send, back = _send_and_back(backend, weights is not None, False,
+                              jax.tree_util.tree_structure(handle))
   out = linear_call(back, send, _leaves(handle),
                     (y,) if weights is None else (y, weights))
   return out[0], (None if weights is None else out[1])

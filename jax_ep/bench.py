@@ -64,6 +64,19 @@ def crossing_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> fl
   return rows * row_bytes / len(masks)
 
 
+def node_hop_bytes_per_rank(is_token_in_rank_of_each_rank, num_local: int,
+                            row_bytes: int) -> float:
+  """Rows a two-axis Buffer sends across the node axis: one per distinct (token,
+  destination node != home node), averaged over ranks (rank s is on node s // L)."""
+  import numpy as np
+  rows = 0
+  for s, m in enumerate(is_token_in_rank_of_each_rank):
+    m = np.asarray(m)
+    in_node = m.reshape(m.shape[0], -1, num_local).any(axis=2)
+    rows += int(np.delete(in_node, s // num_local, axis=1).sum())
+  return rows * row_bytes / len(is_token_in_rank_of_each_rank)
+
+
 def p2p_bandwidths(num_gpus: int) -> dict:
   """Copy-engine GB/s each way for every pair of GPUs ("0-1": 393.0)."""
   from jax_ep import _ext
@@ -115,18 +128,20 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   import jax_ep
   from jax_ep import testing as ept
 
-  R = mesh.shape["ep"]
+  # "ep", or ("node", "local") for a two-axis mesh (--mesh NODExLOCAL).
+  axis = mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)
+  R = mesh.size
   N, H, K, E = num_tokens, hidden, num_topk, num_experts
   nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16)
             if backend == "cuda" else None)
-  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
+  buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
   rng = np.random.default_rng(seed)
   idxs = [ept.random_routing(rng, N, K, E, none_fraction=0.0, invalid_fraction=0.0)
           for _ in range(R)]
   ws = [rng.random((N, K)).astype(np.float32) for _ in range(R)]
-  to_global = to_global or (lambda m, a: ept.stack_per_rank(m, a)[0])
+  to_global = to_global or (lambda m, a: ept.stack_per_rank(m, a, axis_name=axis)[0])
   args = [to_global(mesh, a) for a in (idxs, ws)]
-  shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
   keep = lax.optimization_barrier
   device_clock = _uses_device_clock(mesh)
   if device_clock:
@@ -134,7 +149,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
 
   def stamp(after):
     t = clock(after)
-    return lax.pcast(t, ("ep",), to="varying")
+    return lax.pcast(t, axis if isinstance(axis, tuple) else (axis,), to="varying")
 
   def probe(out):
     return keep(jax.tree_util.tree_leaves(out))[0].reshape(-1)[0].astype(jnp.float32)
@@ -210,6 +225,9 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     res[op] = times
   res["crossing_bytes"] = crossing_bytes_per_rank(
       [ept.reference_layout(i, E, R)[2] for i in idxs], H * 2)
+  if isinstance(axis, tuple):  # what crosses the node axis, once per destination node
+    res["node_hop_bytes"] = node_hop_bytes_per_rank(
+        [ept.reference_layout(i, E, R)[2] for i in idxs], mesh.shape[axis[1]], H * 2)
   # HBM traffic when every token stays here (R = 1): the cuda backend's local
   # path reads each row once and writes it once (the xla backend's gather too).
   res["local_bytes"] = 2 * N * H * 2 if R == 1 else None
@@ -264,6 +282,9 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandw
   med = {op: float(np.median(times[op])) for op in OPS}
   row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
          "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
+  if "node_hop_bytes" in res:  # two-axis mesh: MB per rank across the node axis
+    row["node_hop_mb"] = round(res["node_hop_bytes"] / 1e6, 2)
+    row["flat_crossing_mb"] = round(res["crossing_bytes"] / 1e6, 2)
   for op in OPS:
     row[f"{'cached' if op == 'cached_dispatch' else op}_us"] = round(med[op] * 1e6, 2)
   if not bandwidth:
@@ -310,6 +331,9 @@ def main(argv=None) -> int:
                   help="timed runs, the median is reported (default: 7 on GPUs, 3 on CPU)")
   ap.add_argument("--out", default="", help="folder for results.json and bench.png "
                   "(default: print the table only)")
+  ap.add_argument("--mesh", default="",
+                  help="NODExLOCAL (e.g. 2x4): a two-axis Buffer over ('node', 'local') "
+                       "on this process's first NODE*LOCAL devices (xla hops)")
   ap.add_argument("--moe", action="store_true",
                   help="instead: the experts' grouped matmuls and the MoE block "
                        "(jax_ep.bench_moe)")
@@ -361,6 +385,11 @@ def main(argv=None) -> int:
     import jax_ep
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("ep",))
+    if args.mesh:
+      from jax_ep.__main__ import parse_mesh
+      shape = parse_mesh(args.mesh, len(devices))
+      devices = devices[:shape[0] * shape[1]]
+      mesh = Mesh(np.array(devices).reshape(shape), ("node", "local"))
     on_gpu = devices[0].platform == "gpu"
     shapes, iters, reps = _defaults(args, on_gpu)
     if "cuda" in backends and not (jax_ep.build_info()["cuda"] and on_gpu):
@@ -372,7 +401,8 @@ def main(argv=None) -> int:
           res = ragged[s]
         else:
           res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms)
-        rows.append(_row(b, len(devices), "one", s, num_sms, res, res, copy_gbps,
+        rows.append(_row(b, len(devices), f"one, mesh {args.mesh}" if args.mesh else "one",
+                         s, num_sms, res, res, copy_gbps,
                          bandwidth=on_gpu))
         print(_table([rows[-1]], _columns(on_gpu), header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"

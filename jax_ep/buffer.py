@@ -29,7 +29,10 @@ class Buffer:
   Args:
     mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``) containing
       ``axis_name``.
-    axis_name: the expert-parallel axis; its size is the number of ranks R.
+    axis_name: the expert-parallel axis; its size is the number of ranks R. Or
+      two axes ``(node, local)``: R = |node| * |local|, rank ``node * |local| +
+      local``, the same contract, with rows crossing the node axis once per
+      destination node (``backends/hierarchical.py``; xla hops only for now).
     backend: ``"xla"`` (portable ``lax.all_to_all``), ``"cuda"`` (our kernels
       over NVLink peer memory), ``"auto"`` (``"cuda"`` when the mesh devices
       are NVIDIA GPUs and the extension was built with CUDA, else ``"xla"``),
@@ -55,6 +58,16 @@ class Buffer:
     if not isinstance(mesh, jax.sharding.Mesh):
       raise TypeError(f"jax_ep.Buffer: mesh must be a jax.sharding.Mesh, got "
                       f"{type(mesh).__name__}.")
+    if isinstance(axis_name, (tuple, list)):
+      if backend not in BACKENDS:
+        raise ValueError(f"jax_ep.Buffer: unknown backend {backend!r}; choose one of "
+                         f"{BACKENDS}.")
+      from jax_ep.backends import hierarchical
+      from jax_ep import _ext
+      self.mesh = mesh
+      self.axis_name, self.num_ranks, self._backend, self.backend = hierarchical.make(
+          mesh, axis_name, backend, _ext.has_cuda() and _mesh_is_nvidia_gpu(mesh))
+      return
     if axis_name not in mesh.axis_names:
       raise ValueError(f"jax_ep.Buffer: axis_name {axis_name!r} is not an axis of "
                        f"the mesh (axes: {mesh.axis_names}).")
@@ -139,7 +152,8 @@ class Buffer:
                num_experts: Optional[int] = None,
                layout: Optional[DispatchLayout] = None,
                num_worst_tokens: Optional[int] = None,
-               handle: Optional[DispatchHandle] = None):
+               handle: Optional[DispatchHandle] = None, *,
+               num_worst_forward_tokens: Optional[int] = None):
     """Send each token to every rank that holds one of its experts.
 
     Args:
@@ -154,6 +168,10 @@ class Buffer:
       num_worst_tokens: static receive capacity M; default ``N * R`` (never
         overflows). Tokens beyond M rows are dropped: see
         ``handle.num_dropped_tokens`` and ``jax_ep.check_no_dropped_tokens``.
+      num_worst_forward_tokens: two-axis Buffers only: static rows per (source
+        rank, destination node) slot of the node hop; default ``N`` (never
+        overflows). A token past it reaches no rank of that node (counted in
+        ``handle.num_forward_dropped_tokens`` and ``num_dropped_tokens``).
       handle: a previous dispatch's handle for a cached dispatch (same routing,
         no layout work); then give only ``x`` (and optionally
         ``topk_weights``, sent unmasked).
@@ -173,11 +191,12 @@ class Buffer:
     x = _ops.check_x(x, op)
     N = x.shape[0]
     if handle is not None:
-      if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens)):
+      if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens,
+                                     num_worst_forward_tokens)):
         raise ValueError("jax_ep.dispatch: with handle= (cached dispatch) pass only "
                          "x and optionally topk_weights; the routing and capacity "
                          "come from the handle.")
-      handle = _ops.check_handle(handle, R, op, num_tokens=N)
+      handle = self._check_handle(handle, op, num_tokens=N)
       weights = None
       if topk_weights is not None:
         if getattr(topk_weights, "ndim", None) != 2:
@@ -197,8 +216,21 @@ class Buffer:
     capacity = _ops.check_num_worst_tokens(num_worst_tokens, N, R, op)
     if layout is not None:
       layout = _ops.check_layout(layout, N, R, num_experts, op)
+    options = {}
+    if num_worst_forward_tokens is not None:
+      if not isinstance(self.axis_name, tuple):
+        raise ValueError("jax_ep.dispatch: num_worst_forward_tokens is for Buffers over "
+                         "two axes (node, local); this Buffer's axis_name is "
+                         f"{self.axis_name!r}.")
+      options["num_worst_forward_tokens"] = _ops.check_static_int(
+          num_worst_forward_tokens, "num_worst_forward_tokens", op, 1)
     return _ops.dispatch(self._backend, x, topk_idx, topk_weights, layout,
-                         num_experts, capacity)
+                         num_experts, capacity, **options)
+
+  def _check_handle(self, handle, op, **expected):
+    handle = _ops.check_handle(handle, self.num_ranks, op, **expected)
+    check = getattr(self._backend, "check_handle", None)  # a backend's own leaves
+    return handle if check is None else check(handle, op)
 
   def combine(self, y: jax.Array, handle: DispatchHandle,
               topk_weights: Optional[jax.Array] = None):
@@ -221,7 +253,7 @@ class Buffer:
     R = self.num_ranks
     _ops.check_axis(self.axis_name, R, op)
     y = _ops.check_x(y, op, name="y")
-    handle = _ops.check_handle(handle, R, op, capacity=y.shape[0])
+    handle = self._check_handle(handle, op, capacity=y.shape[0])
     weights = None
     if topk_weights is not None:
       if getattr(topk_weights, "ndim", None) != 2:
@@ -243,6 +275,9 @@ def check_no_dropped_tokens(handle: DispatchHandle) -> None:
   axis), which works on every mesh.
   """
   from jax.experimental import checkify
+  from jax_ep.backends import hierarchical
+  if isinstance(handle, hierarchical.HierarchicalDispatchHandle):
+    return hierarchical.check_no_dropped(handle)  # drops at either hop
   routed = handle.num_recv_tokens.reshape(())
   checkify.check(routed <= handle.capacity,
                  "jax_ep: {routed} tokens were routed to this rank but "

@@ -44,15 +44,30 @@ def _broadcast_exchange(a: jax.Array, num_ranks: int,
 
 def _gather_rows(received: jax.Array, handle: DispatchHandle) -> jax.Array:
   """Pick each receive row out of the [R, N, ...] exchange result; zero padding."""
+  return gather_rows(received, handle.recv_src_rank, handle.recv_src_idx)
+
+
+def gather_rows(received: jax.Array, src_rank: jax.Array, src_row: jax.Array) -> jax.Array:
+  """Row ``received[src_rank[r], src_row[r]]`` for each r, zero where src_rank is -1."""
   num_ranks, num_tokens = received.shape[:2]
   if num_tokens == 0:  # Nothing was sent anywhere (and XLA cannot gather from 0 rows).
-    return jnp.zeros(handle.recv_src_idx.shape + received.shape[2:], received.dtype)
+    return jnp.zeros(src_row.shape + received.shape[2:], received.dtype)
   flat = received.reshape((num_ranks * num_tokens,) + received.shape[2:])
-  valid = handle.recv_src_rank >= 0
-  index = jnp.where(valid, handle.recv_src_rank * num_tokens + handle.recv_src_idx, 0)
+  valid = src_rank >= 0
+  index = jnp.where(valid, src_rank * num_tokens + src_row, 0)
   rows = flat[index]
   mask = valid.reshape(valid.shape + (1,) * (rows.ndim - 1))
   return jnp.where(mask, rows, jnp.zeros((), rows.dtype))
+
+
+def send_positions(is_in: jax.Array, counts: jax.Array, me, capacity: int) -> jax.Array:
+  """``send_pos`` [N, R]: the receive row of each (token, destination) this rank
+  sends (``is_in``), given ``counts[s, d]`` of every rank; -1 past ``capacity``."""
+  rows_before_source = jnp.cumsum(counts, axis=0) - counts  # [R(s), R(d)]
+  is_in_i32 = is_in.astype(jnp.int32)
+  rank_in_destination = jnp.cumsum(is_in_i32, axis=0) - is_in_i32  # [N, R]
+  pos = rows_before_source[me][None, :] + rank_in_destination
+  return jnp.where(is_in & (pos < capacity), pos, -1).astype(jnp.int32)
 
 
 class XlaBackend:
@@ -77,11 +92,7 @@ class XlaBackend:
 
     # counts[s, d]: tokens rank s sends to rank d.
     counts = lax.all_gather(layout.num_tokens_per_rank, axis)
-    rows_before_source = jnp.cumsum(counts, axis=0) - counts  # [R(s), R(d)]
-    is_in_i32 = is_in.astype(jnp.int32)
-    rank_in_destination = jnp.cumsum(is_in_i32, axis=0) - is_in_i32  # [N, R]
-    pos = rows_before_source[me][None, :] + rank_in_destination
-    send_pos = jnp.where(is_in & (pos < M), pos, -1).astype(jnp.int32)
+    send_pos = send_positions(is_in, counts, me, M)
     num_recv_tokens = counts[:, me].sum().astype(jnp.int32).reshape(1)
 
     # Receive side: which (source rank, source token) fills each row.
