@@ -174,7 +174,7 @@ class Buffer:
     """
     op = "dispatch"
     R = self.num_ranks
-    if isinstance(x, (tuple, list)):  # (x_fp8, scales): FP8 rows.
+    if isinstance(x, tuple) and len(x) == 2:  # (x_fp8, scales): FP8 rows.
       return self._dispatch_fp8(x, topk_idx, topk_weights, num_experts, layout,
                                 num_worst_tokens, handle)
     _ops.check_axis(self.axis_name, R, op)
