@@ -10,9 +10,11 @@ See README.md and docs/design.md.
 """
 from jax_ep._ext import build_info
 from jax_ep.buffer import Buffer, check_no_dropped_tokens
-from jax_ep.handles import DispatchHandle, DispatchLayout
+from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
+from jax_ep.fp8 import dequantize_fp8, quantize_fp8
 from jax_ep import moe
 
 __version__ = "0.1.0"
 __all__ = ["Buffer", "DispatchHandle", "DispatchLayout", "build_info",
-           "check_no_dropped_tokens", "moe"]
+           "check_no_dropped_tokens", "moe", "LowLatencyHandle", "quantize_fp8",
+           "dequantize_fp8"]

@@ -157,7 +157,12 @@ class Buffer:
     """Send each token to every rank that holds one of its experts.
 
     Args:
-      x: ``[N, H]`` bfloat16 or float32 tokens of this rank.
+      x: ``[N, H]`` bfloat16 or float32 tokens of this rank, or the FP8 pair
+        ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H // 128] float32)`` (see
+        ``jax_ep.quantize_fp8``; xla and ragged backends), which comes back as
+        ``recv_x = (recv_fp8 [M, H], recv_scales [M, H // 128])``, rows moved
+        bit for bit, padding rows zero bytes with zero scales. FP8 dispatch is
+        not differentiable.
       topk_idx: ``[N, K]`` int32/int64 global expert ids, ``-1`` = none. Ids
         outside ``[0, num_experts)`` are ignored like ``-1``.
       topk_weights: ``[N, K]`` float32 or None.
@@ -187,6 +192,9 @@ class Buffer:
     """
     op = "dispatch"
     R = self.num_ranks
+    if isinstance(x, tuple) and len(x) == 2:  # (x_fp8, scales): FP8 rows.
+      return self._dispatch_fp8(x, topk_idx, topk_weights, num_experts, layout,
+                                num_worst_tokens, handle)
     _ops.check_axis(self.axis_name, R, op)
     x = _ops.check_x(x, op)
     N = x.shape[0]
@@ -262,6 +270,158 @@ class Buffer:
       weights = _ops.check_weights(topk_weights, (y.shape[0], topk_weights.shape[1]),
                                    op, "topk_weights")
     return _ops.combine(self._backend, y, handle, weights)
+
+  # -- FP8 and the low-latency mode (issue 10) -------------------------------
+  def _unsupported(self, op: str, what: str):
+    return NotImplementedError(
+        f"jax_ep.{op}: {what} is not implemented on the {self.backend!r} backend yet "
+        f"(its kernels have not been written); make the Buffer with backend='xla' "
+        f"for now.")
+
+  def _dispatch_fp8(self, x, topk_idx, topk_weights, num_experts, layout,
+                    num_worst_tokens, handle):
+    from jax_ep import _ll_ops, fp8
+    op = "dispatch"
+    R = self.num_ranks
+    _ops.check_axis(self.axis_name, R, op)
+    q, s = fp8.check_fp8_pair(x, op)
+    if self.backend not in ("xla", "ragged"):
+      raise self._unsupported(op, "FP8 dispatch")
+    N = q.shape[0]
+    if handle is not None:
+      if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens)):
+        raise ValueError("jax_ep.dispatch: with handle= (cached dispatch) pass only "
+                         "x and optionally topk_weights; the routing and capacity "
+                         "come from the handle.")
+      handle = _ops.check_handle(handle, R, op, num_tokens=N)
+      weights = None
+      if topk_weights is not None:
+        if getattr(topk_weights, "ndim", None) != 2:
+          raise ValueError(f"jax_ep.dispatch: topk_weights must be [{N}, num_topk], "
+                           f"got {getattr(topk_weights, 'shape', None)}.")
+        weights = _ops.check_weights(topk_weights, (N, topk_weights.shape[1]), op,
+                                     "topk_weights")
+      recv_x, recv_w = _ll_ops.cached_dispatch_fp8(self._backend, (q, s), handle, weights)
+      return recv_x, None, recv_w, None, handle
+    if topk_idx is None or num_experts is None:
+      raise ValueError("jax_ep.dispatch: topk_idx and num_experts are required "
+                       "(or pass handle= for a cached dispatch).")
+    num_experts = _ops.check_num_experts(num_experts, R, op)
+    topk_idx = _ops.check_topk_idx(topk_idx, N, num_experts, op)
+    topk_weights = _ops.check_weights(topk_weights, topk_idx.shape, op, "topk_weights")
+    capacity = _ops.check_num_worst_tokens(num_worst_tokens, N, R, op)
+    if layout is not None:
+      layout = _ops.check_layout(layout, N, R, num_experts, op)
+    return _ll_ops.dispatch_fp8(self._backend, (q, s), topk_idx, topk_weights, layout,
+                                num_experts, capacity)
+
+  def _low_latency_impl(self, op: str):
+    if self.backend != "xla":
+      raise self._unsupported(op, "the low-latency mode")
+    impl = self.__dict__.get("_ll_impl")
+    if impl is None:
+      from jax_ep.backends.xla_ll import XlaLowLatency
+      impl = self._ll_impl = XlaLowLatency(self.axis_name, self.num_ranks)
+    return impl
+
+  def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array,
+                           num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                           use_fp8: bool = False, return_recv_hook: bool = False):
+    """DeepEP's low-latency dispatch (decoding): fixed shapes, grouped by expert.
+
+    Args:
+      x: ``[N, H]`` bfloat16 (float32 also accepted) with
+        ``N <= num_max_dispatch_tokens_per_rank``.
+      topk_idx: ``[N, K]`` int32/int64 global expert ids; -1 and ids outside
+        ``[0, num_experts)`` mean no expert.
+      num_max_dispatch_tokens_per_rank: ``T``, static, the same on every rank.
+      num_experts: E, static, divisible by R.
+      use_fp8: quantize each row on the sending side (``jax_ep.quantize_fp8``,
+        ``H % 128 == 0``); ``recv_x`` is then ``(x_fp8, scales)``.
+      return_recv_hook: return ``(state, recv_fn)`` instead: the exchange is
+        issued here (``state`` holds what is in flight) and ``recv_fn()``, called
+        later in the same traced function, returns the outputs.
+
+    Returns:
+      ``(recv_x [E_local, R*T, H], recv_count [E_local] int32, handle)``: rows
+      ``0 .. recv_count[e]-1`` of local expert ``e`` hold one copy per valid
+      ``(token, k)`` routed to it (no dedup per rank), ordered by (source rank,
+      source token, k); later rows are unspecified. With ``use_fp8``, ``recv_x``
+      is ``(x_fp8 [E_local, R*T, H] float8_e4m3fn, scales [E_local, R*T, H/128]
+      float32)``. Only the xla backend has this op so far.
+    """
+    from jax_ep import _ll_ops, fp8
+    op = "low_latency_dispatch"
+    R = self.num_ranks
+    _ops.check_axis(self.axis_name, R, op)
+    x = _ops.check_x(x, op)
+    N, H = x.shape
+    T = _ll_ops.check_tokens(N, num_max_dispatch_tokens_per_rank, op)
+    num_experts = _ops.check_num_experts(num_experts, R, op)
+    topk_idx = _ops.check_topk_idx(topk_idx, N, num_experts, op)
+    if use_fp8:
+      fp8.check_hidden(H, op)
+    impl = self._low_latency_impl(op)
+    if not return_recv_hook:
+      if use_fp8:
+        return _ll_ops.low_latency_dispatch_fp8(impl, x, topk_idx, T, num_experts)
+      return _ll_ops.low_latency_dispatch(impl, x, topk_idx, T, num_experts)
+    # Split form: the same computation cut after the collective (autodiff is
+    # JAX's own through the xla code).
+    rows = fp8.pack_rows(*fp8.quantize_fp8(x)) if use_fp8 else x
+    state = impl.dispatch_send(rows, topk_idx, T)
+
+    def recv_fn():
+      recv, count, handle = impl.dispatch_recv(state, num_experts)
+      return (fp8.unpack_rows(recv, H) if use_fp8 else recv), count, handle
+    return state, recv_fn
+
+  def low_latency_combine(self, y: jax.Array, topk_idx: jax.Array,
+                          topk_weights: jax.Array, handle, *,
+                          return_recv_hook: bool = False):
+    """DeepEP's low-latency combine: ``out[i] = sum_k topk_weights[i, k] *
+    y_row(i, k)`` over the valid ``k``, accumulated in float32.
+
+    Args:
+      y: ``[E_local, R*T, H]`` bfloat16 (or float32), laid out as
+        ``low_latency_dispatch``'s ``recv_x``. Rows past ``recv_count`` are
+        never read (NaN or Inf there cannot reach the output).
+      topk_idx: ``[N, K]``, the ids given to the dispatch.
+      topk_weights: ``[N, K]`` float; weights at invalid ids are ignored.
+      handle: the dispatch's ``LowLatencyHandle``.
+      return_recv_hook: return ``(state, recv_fn)``; ``recv_fn()`` gives ``out``.
+
+    Returns:
+      ``out [N, H]`` in ``y``'s dtype; tokens with no valid expert get zeros.
+    """
+    from jax_ep import _ll_ops
+    op = "low_latency_combine"
+    R = self.num_ranks
+    _ops.check_axis(self.axis_name, R, op)
+    handle = _ll_ops.check_ll_handle(handle, R, op)
+    El, rows, K = handle.num_local_experts, handle.num_rows, handle.num_topk
+    shape = _ops._shape_of(y, "y", op)
+    if len(shape) != 3 or shape[:2] != (El, rows):
+      raise ValueError(f"jax_ep.{op}: y must have shape [{El}, {rows}, hidden] "
+                       f"(recv_x's layout for this handle), got {shape}.")
+    if jnp.dtype(y.dtype) not in _ops._DATA_DTYPES:
+      raise TypeError(f"jax_ep.{op}: y must be bfloat16 or float32, got {y.dtype}.")
+    tshape = _ops._shape_of(topk_idx, "topk_idx", op)
+    if len(tshape) != 2 or tshape[1] != K or tshape[0] > rows // R:
+      raise ValueError(f"jax_ep.{op}: topk_idx must have shape [num_tokens, {K}] with "
+                       f"num_tokens <= {rows // R} as given to the dispatch, got {tshape}.")
+    num_experts = El * R
+    topk_idx = _ops.check_topk_idx(topk_idx, tshape[0], num_experts, op)
+    weights = _ops.check_weights(topk_weights, tshape, op, "topk_weights")
+    if weights is None:
+      raise ValueError(f"jax_ep.{op}: topk_weights is required.")
+    # Weights at invalid ids are ignored (a select: NaN there cannot leak).
+    weights = jnp.where(topk_idx >= 0, weights, 0.0)
+    impl = self._low_latency_impl(op)
+    if not return_recv_hook:
+      return _ll_ops.low_latency_combine(impl, y, topk_idx, weights, handle)
+    state = impl.combine_send(y, handle, weights)
+    return state, lambda: impl.combine_recv(state, tshape[0], y.dtype)
 
 
 def check_no_dropped_tokens(handle: DispatchHandle) -> None:

@@ -69,3 +69,34 @@ class DispatchHandle:
     Dropped tokens are not received, and ``combine`` counts them as zero.
     """
     return jnp.maximum(self.num_recv_tokens.reshape(()) - self.capacity, 0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowLatencyHandle:
+  """The routing of one ``low_latency_dispatch``, reused by ``low_latency_combine``.
+
+  ``R`` ranks, ``T = num_max_dispatch_tokens_per_rank``, ``K`` top-k slots,
+  ``E_local`` experts on this rank. A "slot" is one ``(source rank s, source
+  token i, k)`` triple, numbered ``(s * T + i) * K + k``. Every leaf has a
+  leading axis, so the handle leaves ``shard_map`` with ``out_specs=P(axis)``
+  and comes back with ``in_specs=P(axis)``; the properties describe one rank's
+  view.
+  """
+
+  src_slot: jax.Array    # [E_local, R*T] int32: slot of receive row (e, r), -1 past the count.
+  recv_slot: jax.Array   # [R*T, K] int32: flat row e*R*T + r of slot (s, i, k) here, or -1.
+  recv_count: jax.Array  # [E_local] int32: rows of each local expert.
+
+  @property
+  def num_local_experts(self) -> int:
+    return self.src_slot.shape[0]
+
+  @property
+  def num_rows(self) -> int:
+    """``R * T``: rows per local expert in ``recv_x``."""
+    return self.src_slot.shape[1]
+
+  @property
+  def num_topk(self) -> int:
+    return self.recv_slot.shape[1]

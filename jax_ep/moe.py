@@ -268,10 +268,12 @@ class MoeAux:
   """
 
   num_dropped_tokens: jax.Array  # [] int32: tokens this rank failed to receive.
-  num_recv_tokens: jax.Array     # [] int32: tokens routed to this rank (may be > M).
+  num_recv_tokens: jax.Array     # [] int32: tokens routed to this rank (may be > M);
+  #                                in mode="low_latency", the (token, k) copies.
   tokens_per_expert: jax.Array   # [E] int32: this rank's (token, k) slots per expert.
   load_balance_loss: jax.Array   # [] f32: Switch aux loss of this rank's tokens.
-  # Which grouped matmuls ran the experts: "mosaic" or "ragged_dot" (static).
+  # Which grouped matmuls ran the experts: "mosaic" or "ragged_dot" (static);
+  # "einsum" for mode="low_latency" with ll_expert_layout="batched".
   expert_impl: str = dataclasses.field(default="ragged_dot",
                                        metadata=dict(static=True))
 
@@ -299,7 +301,10 @@ def _check_params(params, hidden: int, num_experts: int, num_local: int):
 
 def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = None,
               top_k: int, router: str = "softmax", normalize: bool = True,
-              num_worst_tokens: Optional[int] = None, expert_impl: str = "auto"):
+              num_worst_tokens: Optional[int] = None, expert_impl: str = "auto",
+              mode: str = "normal", fp8_dispatch: bool = False,
+              num_max_dispatch_tokens_per_rank: Optional[int] = None,
+              ll_expert_layout: str = "packed"):
   """One expert-parallel MoE FFN on this rank's tokens (call inside shard_map).
 
   Args:
@@ -316,6 +321,19 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
     expert_impl: the experts' grouped matmuls: ``"auto"`` (JAX's Mosaic-GPU
       kernels on Hopper GPUs, else ``lax.ragged_dot``), ``"mosaic"`` or
       ``"ragged_dot"``; ``aux.expert_impl`` says which ran.
+    mode: ``"normal"`` (``dispatch``/``combine``) or ``"low_latency"``
+      (``low_latency_dispatch``/``low_latency_combine``, the decode path; xla
+      backend so far). In low-latency mode ``num_worst_tokens`` does not apply
+      (nothing is dropped), ``num_max_dispatch_tokens_per_rank`` is ``T``
+      (default N), and ``ll_expert_layout`` picks the experts' matmuls:
+      ``"packed"`` (each expert's rows packed end to end, then the grouped
+      matmuls of ``expert_impl`` on the counts) or ``"batched"`` (one batched
+      einsum over ``[E_local, R*T, H]``, rows past the counts zeroed first so
+      that garbage there cannot reach a gradient).
+    fp8_dispatch: normal mode only: send the tokens as FP8 (e4m3, per-128
+      channel scales; ``H % 128 == 0``) and dequantize them to ``x.dtype`` on
+      arrival; combine stays in ``x.dtype``. The derivative is straight-through
+      (the backward pass sends the cotangent in ``x.dtype``).
 
   Returns:
     ``(out [N,H] in x.dtype, MoeAux)``: ``out[i] = sum_k w[i,k] *
@@ -332,10 +350,23 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
   El = num_experts // R
   _check_params(params, H, num_experts, El)
 
+  if mode not in ("normal", "low_latency"):
+    raise ValueError(f"jax_ep.moe: mode must be 'normal' or 'low_latency', got {mode!r}.")
   topk_idx, topk_weights, probs = route(params["router"], x, top_k, router, normalize)
-  recv_x, recv_idx, recv_w, _, handle = buf.dispatch(
-      x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
-      num_worst_tokens=num_worst_tokens)
+  if mode == "low_latency":
+    if fp8_dispatch:
+      raise ValueError("jax_ep.moe: fp8_dispatch=True is for mode='normal' (the "
+                       "low-latency FP8 dispatch is not differentiable).")
+    return _low_latency_block(buf, params, x, topk_idx, topk_weights, probs,
+                              num_experts, num_max_dispatch_tokens_per_rank,
+                              ll_expert_layout, expert_impl)
+  if fp8_dispatch:
+    recv_x, recv_idx, recv_w, _, handle = _dispatch_fp8(
+        buf, x, topk_idx, topk_weights, num_experts, num_worst_tokens)
+  else:
+    recv_x, recv_idx, recv_w, _, handle = buf.dispatch(
+        x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
+        num_worst_tokens=num_worst_tokens)
   M = recv_x.shape[0]
   # Top-k ids are distinct, so a row holds at most min(K, E_local) local slots.
   grouped_x, group_sizes, plan = permute_to_expert_major(
@@ -353,6 +384,75 @@ def moe_block(buf, params: dict, x: jax.Array, *, num_experts: Optional[int] = N
       topk_idx.reshape(-1)].add(1, mode="drop")
   aux = MoeAux(num_dropped_tokens=handle.num_dropped_tokens,
                num_recv_tokens=handle.num_recv_tokens.reshape(()),
+               tokens_per_expert=tokens_per_expert,
+               load_balance_loss=load_balance_loss(probs, topk_idx),
+               expert_impl=impl)
+  return out, aux
+
+
+def _dispatch_fp8(buf, x, topk_idx, topk_weights, num_experts, num_worst_tokens):
+  """FP8 normal dispatch, dequantized on arrival, straight-through derivative."""
+  from jax_ep import _ll_ops, fp8
+  op = "moe"
+  _ops.check_axis(buf.axis_name, buf.num_ranks, op)
+  fp8.check_hidden(x.shape[1], op)
+  if buf.backend not in ("xla", "ragged"):
+    raise buf._unsupported(op, "FP8 dispatch")
+  capacity = _ops.check_num_worst_tokens(num_worst_tokens, x.shape[0], buf.num_ranks, op)
+  return _ll_ops.dispatch_dequantized(buf._backend, x, topk_idx, topk_weights,
+                                      num_experts, capacity)
+
+
+def _low_latency_block(buf, params, x, topk_idx, topk_weights, probs, num_experts, T,
+                       layout, expert_impl):
+  """``moe_block``'s low-latency path: recv_x is already grouped by expert."""
+  if layout not in ("packed", "batched"):
+    raise ValueError(f"jax_ep.moe: ll_expert_layout must be 'packed' or 'batched', "
+                     f"got {layout!r}.")
+  N = x.shape[0]
+  T = N if T is None else T
+  recv_x, counts, handle = buf.low_latency_dispatch(
+      x, topk_idx, num_max_dispatch_tokens_per_rank=T, num_experts=num_experts)
+  El, rows, H = recv_x.shape
+  dt = x.dtype
+  f32 = jnp.float32
+  r = jnp.arange(rows, dtype=jnp.int32)
+  if layout == "batched":
+    live = (r[None, :] < counts[:, None])[..., None]
+    xe = jnp.where(live, recv_x, jnp.zeros((), dt))
+    mm = functools.partial(jnp.einsum, preferred_element_type=f32)
+    gate = mm("erh,ehf->erf", xe, params["w_gate"].astype(dt))
+    up = mm("erh,ehf->erf", xe, params["w_up"].astype(dt))
+    h = (jax.nn.silu(gate) * up).astype(dt)
+    y = mm("erf,efh->erh", h, params["w_down"].astype(dt)).astype(dt)
+    impl = "einsum"
+  else:
+    # Pack: expert e's rows 0..counts[e]-1 go to rows start[e].. of one array,
+    # so the grouped matmuls see exactly the counts (no work on padding).
+    start = jnp.cumsum(counts) - counts
+    g = jnp.arange(El * rows, dtype=jnp.int32)
+    expert_of = jnp.clip(jnp.searchsorted(start, g, side="right") - 1, 0, El - 1)
+    inside = g - start[expert_of]
+    valid = inside < counts[expert_of]
+    src = jnp.where(valid, expert_of * rows + inside, 0)
+    # Zeros past the counts: a NaN a backend left there would reach the weight
+    # gradient (NaN * 0) through the grouped matmuls.
+    grouped_x = jnp.where(valid[:, None], recv_x.reshape(El * rows, H)[src],
+                          jnp.zeros((), dt))
+    device = buf.mesh.devices.flat[0]
+    impl = resolve_expert_impl(expert_impl, grouped_x, params["w_gate"],
+                               params["w_down"], device)
+    grouped_y = swiglu_experts(grouped_x, counts, params["w_gate"], params["w_up"],
+                               params["w_down"], expert_impl=impl, device=device)
+    # Unpack: row (e, r) is packed row start[e] + r; rows past the counts are
+    # never read by the combine.
+    back = jnp.minimum(start[:, None] + r[None, :], El * rows - 1)
+    y = grouped_y.astype(dt)[back]
+  out = buf.low_latency_combine(y, topk_idx, topk_weights, handle)
+  tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[
+      topk_idx.reshape(-1)].add(1, mode="drop")
+  aux = MoeAux(num_dropped_tokens=jnp.zeros((), jnp.int32),
+               num_recv_tokens=counts.sum().astype(jnp.int32),
                tokens_per_expert=tokens_per_expert,
                load_balance_loss=load_balance_loss(probs, topk_idx),
                expert_impl=impl)
@@ -379,14 +479,17 @@ def _unsharded(a):
 def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
                         router: str = "softmax", normalize: bool = True,
                         num_experts: Optional[int] = None,
-                        slot_mask: Optional[jax.Array] = None) -> jax.Array:
+                        slot_mask: Optional[jax.Array] = None,
+                        expert_x: Optional[jax.Array] = None) -> jax.Array:
   """The same block on one device: every expert on every token, in float32.
 
   ``params`` are the full (unsharded) weights, ``x [T,H]`` all tokens.
   ``out[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t])``, computed densely as
   ``sum_e c[t,e] * expert_e(x[t])`` with ``c`` the scattered top-k weights.
   ``slot_mask [T,K]`` (bool) removes (token, k) pairs, e.g. those a capacity
-  overflow dropped. Returns float32 ``[T,H]``.
+  overflow dropped. ``expert_x [T,H]``, if given, is what the experts see
+  (routing still uses ``x``), e.g. the FP8 round trip of ``x``. Returns
+  float32 ``[T,H]``.
   """
   del num_experts  # Implied by the router weight; accepted for symmetry.
   params = {k: _unsharded(v) for k, v in params.items()}
@@ -398,7 +501,7 @@ def dense_moe_reference(params: dict, x: jax.Array, *, top_k: int,
     topk_weights = jnp.where(slot_mask, topk_weights, 0.0)
   E = params["router"].shape[1]
   coef = (jax.nn.one_hot(topk_idx, E, dtype=f32) * topk_weights[..., None]).sum(1)
-  xf = x.astype(f32)
+  xf = (x if expert_x is None else _unsharded(expert_x)).astype(f32)
   gate = jnp.einsum("th,ehf->etf", xf, params["w_gate"].astype(f32), precision=hi)
   up = jnp.einsum("th,ehf->etf", xf, params["w_up"].astype(f32), precision=hi)
   y = jnp.einsum("etf,efh->eth", jax.nn.silu(gate) * up,

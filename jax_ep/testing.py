@@ -676,3 +676,81 @@ def describe_rank(rank, num_ranks, *, fail_on_rank=None):
   return {"rank": rank, "process_index": jax.process_index(),
           "process_count": jax.process_count(), "platform": jax.devices()[0].platform,
           "jax_ep": jax_ep.__file__, "jax_ep._C": None if c is None else c.__file__}
+
+
+# --------------------------------------------------------------------------
+# The low-latency contract and FP8 (issue 10), in plain NumPy loops.
+
+def reference_low_latency_dispatch(xs, topk_idxs, num_max_tokens: int, num_experts: int):
+  """Per-rank results of ``low_latency_dispatch`` for all ranks' inputs.
+
+  Args: lists (one per rank) of ``x [N, H]`` and ``topk_idx [N, K]``.
+  Returns a list of dicts, one per rank: ``recv_x [E_local, R*T, H]`` float32
+  (NaN past the counts: the contract leaves those rows unspecified),
+  ``recv_count [E_local]`` and ``recv_src`` (per local expert, the list of
+  ``(source rank, token, k)`` of its rows). Copies past ``R*T`` rows of one
+  expert (possible only with an id repeated in a token's row) are dropped.
+  """
+  R = len(xs)
+  T, El = num_max_tokens, num_experts // R
+  H = xs[0].shape[1]
+  rows = R * T
+  out = []
+  for d in range(R):
+    lists = [[] for _ in range(El)]
+    for s in range(R):
+      for i in range(xs[s].shape[0]):
+        for k in range(topk_idxs[s].shape[1]):
+          e = int(topk_idxs[s][i, k])
+          if 0 <= e < num_experts and e // El == d:
+            lists[e - d * El].append((s, i, k))
+    lists = [lst[:rows] for lst in lists]
+    recv_x = np.full((El, rows, H), np.nan, np.float32)
+    for e, lst in enumerate(lists):
+      for r, (s, i, _) in enumerate(lst):
+        recv_x[e, r] = xs[s][i]
+    out.append(dict(recv_x=recv_x, recv_count=np.array([len(l) for l in lists], np.int32),
+                    recv_src=lists))
+  return out
+
+
+def reference_low_latency_combine(ys, dispatched, topk_weights, num_tokens: int):
+  """``out[s][i] = sum_k w[s][i, k] * ys[d][e, row of (s, i, k)]`` in float32."""
+  R = len(ys)
+  H = ys[0].shape[2]
+  outs = [np.zeros((num_tokens, H), np.float32) for _ in range(R)]
+  for d in range(R):
+    for e, lst in enumerate(dispatched[d]["recv_src"]):
+      for r, (s, i, k) in enumerate(lst):
+        outs[s][i] += np.float32(topk_weights[s][i, k]) * np.asarray(ys[d][e, r], np.float32)
+  return outs
+
+
+def reference_quantize_fp8(x: np.ndarray):
+  """NumPy (ml_dtypes) per-128-channel e4m3fn quantization: ``(q, scales)``."""
+  import ml_dtypes
+  x = np.asarray(x, np.float32)
+  blocks = x.reshape(x.shape[:-1] + (x.shape[-1] // 128, 128))
+  amax = np.abs(blocks).max(-1)
+  scales = np.maximum(amax * np.float32(1.0 / 448.0), np.finfo(np.float32).tiny).astype(np.float32)
+  v = np.clip(blocks * (np.float32(1.0) / scales)[..., None], -448.0, 448.0)
+  return v.astype(ml_dtypes.float8_e4m3fn).reshape(x.shape), scales
+
+
+def fp8_error_bound(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+  """Largest ``|x - q * s|`` per element that e4m3fn rounding allows.
+
+  With ``v = x / s`` (``|v| <= 448``), e4m3fn has 3 stored mantissa bits: in
+  its normal range (``|v| >= 2^-6``) neighbours are ``2^-3 |v|`` apart at
+  most, so round-to-nearest is off by at most half of that, ``2^-4 |v|``;
+  below ``2^-6`` (subnormals) the spacing is ``2^-9``, so the error is at most
+  ``2^-10``. Scaling back by ``s``: ``|x - q s| <= 2^-4 |x| + 2^-10 s``. The
+  reciprocal ``1/s``, the product ``x * (1/s)`` and the product ``q * s`` in
+  float32 add a relative ``2^-24`` each, covered by the ``2^-20`` terms.
+  XLA flushes float32 subnormals (``|x| <`` 2^-126) to zero on CPU and GPU,
+  so there the error may be ``|x|`` itself.
+  """
+  s = np.repeat(np.asarray(scales, np.float32), 128, axis=-1)
+  ax = np.abs(np.asarray(x, np.float32))
+  bound = (2.0 ** -4 + 2.0 ** -20) * ax + (2.0 ** -10 + 2.0 ** -20) * s
+  return np.where(ax < np.finfo(np.float32).tiny, np.maximum(bound, ax), bound)
