@@ -198,7 +198,8 @@ def _dequantized_fn(backend, num_experts: int, num_worst_tokens: int):
         t_x, t_w = jnp.zeros_like(recv_x), jnp.zeros_like(recv_w)
       else:
         x_dot = jnp.zeros_like(x) if _ops._is_zero(x_dot) else x_dot
-        send, back = _ops._send_and_back(backend, weighted, masked=True)
+        send, back = _ops._send_and_back(backend, weighted, True,
+                                         jax.tree_util.tree_structure(handle))
         t = linear_call(send, back, _ops._leaves(handle) + (recv_idx,),
                         (x_dot, w_dot) if weighted else (x_dot,))
         t_x, t_w = t[0], (t[1] if weighted else jnp.zeros_like(recv_w))
