@@ -155,14 +155,15 @@ def low_latency_dispatch_fp8(impl, x, topk_idx, num_max_tokens, num_experts):
 # FP8 in normal mode.
 
 def dispatch_fp8(backend, pair, topk_idx, topk_weights, layout, num_experts,
-                 num_worst_tokens):
-  """Normal dispatch of ``(q, scales)`` as one packed byte row per token."""
+                 num_worst_tokens, **options):
+  """Normal dispatch of ``(q, scales)`` as one packed byte row per token.
+  ``options`` as in ``_ops.dispatch``."""
   q, s = pair
   H = q.shape[1]
 
   def run(packed, topk_idx, topk_weights):
     recv, recv_idx, recv_w, counts, handle = backend.dispatch(
-        packed, topk_idx, topk_weights, layout, num_experts, num_worst_tokens)
+        packed, topk_idx, topk_weights, layout, num_experts, num_worst_tokens, **options)
     return _fp8.unpack_rows(recv, H), recv_idx, recv_w, counts, handle
 
   return _fp8_not_differentiable(run, "dispatch")(_fp8.pack_rows(q, s), topk_idx,

@@ -192,12 +192,17 @@ class Buffer:
     """
     op = "dispatch"
     R = self.num_ranks
-    if isinstance(x, tuple) and len(x) == 2:  # (x_fp8, scales): FP8 rows.
-      return self._dispatch_fp8(x, topk_idx, topk_weights, num_experts, layout,
-                                num_worst_tokens, handle)
     _ops.check_axis(self.axis_name, R, op)
-    x = _ops.check_x(x, op)
-    N = x.shape[0]
+    fp8_rows = isinstance(x, tuple) and len(x) == 2  # (x_fp8, scales)
+    if fp8_rows:
+      from jax_ep import _ll_ops, fp8
+      x = fp8.check_fp8_pair(x, op)
+      if self.backend not in ("xla", "ragged"):
+        raise self._unsupported(op, "FP8 dispatch")
+      N = x[0].shape[0]
+    else:
+      x = _ops.check_x(x, op)
+      N = x.shape[0]
     if handle is not None:
       if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens,
                                      num_worst_forward_tokens)):
@@ -212,7 +217,8 @@ class Buffer:
                            f"got {getattr(topk_weights, 'shape', None)}.")
         weights = _ops.check_weights(topk_weights, (N, topk_weights.shape[1]), op,
                                      "topk_weights")
-      recv_x, recv_w = _ops.cached_dispatch(self._backend, x, handle, weights)
+      cached = _ll_ops.cached_dispatch_fp8 if fp8_rows else _ops.cached_dispatch
+      recv_x, recv_w = cached(self._backend, x, handle, weights)
       return recv_x, None, recv_w, None, handle
 
     if topk_idx is None or num_experts is None:
@@ -232,8 +238,9 @@ class Buffer:
                          f"{self.axis_name!r}.")
       options["num_worst_forward_tokens"] = _ops.check_static_int(
           num_worst_forward_tokens, "num_worst_forward_tokens", op, 1)
-    return _ops.dispatch(self._backend, x, topk_idx, topk_weights, layout,
-                         num_experts, capacity, **options)
+    run = _ll_ops.dispatch_fp8 if fp8_rows else _ops.dispatch
+    return run(self._backend, x, topk_idx, topk_weights, layout, num_experts, capacity,
+               **options)
 
   def _check_handle(self, handle, op, **expected):
     handle = _ops.check_handle(handle, self.num_ranks, op, **expected)
@@ -277,43 +284,6 @@ class Buffer:
         f"jax_ep.{op}: {what} is not implemented on the {self.backend!r} backend yet "
         f"(its kernels have not been written); make the Buffer with backend='xla' "
         f"for now.")
-
-  def _dispatch_fp8(self, x, topk_idx, topk_weights, num_experts, layout,
-                    num_worst_tokens, handle):
-    from jax_ep import _ll_ops, fp8
-    op = "dispatch"
-    R = self.num_ranks
-    _ops.check_axis(self.axis_name, R, op)
-    q, s = fp8.check_fp8_pair(x, op)
-    if self.backend not in ("xla", "ragged"):
-      raise self._unsupported(op, "FP8 dispatch")
-    N = q.shape[0]
-    if handle is not None:
-      if any(a is not None for a in (topk_idx, num_experts, layout, num_worst_tokens)):
-        raise ValueError("jax_ep.dispatch: with handle= (cached dispatch) pass only "
-                         "x and optionally topk_weights; the routing and capacity "
-                         "come from the handle.")
-      handle = _ops.check_handle(handle, R, op, num_tokens=N)
-      weights = None
-      if topk_weights is not None:
-        if getattr(topk_weights, "ndim", None) != 2:
-          raise ValueError(f"jax_ep.dispatch: topk_weights must be [{N}, num_topk], "
-                           f"got {getattr(topk_weights, 'shape', None)}.")
-        weights = _ops.check_weights(topk_weights, (N, topk_weights.shape[1]), op,
-                                     "topk_weights")
-      recv_x, recv_w = _ll_ops.cached_dispatch_fp8(self._backend, (q, s), handle, weights)
-      return recv_x, None, recv_w, None, handle
-    if topk_idx is None or num_experts is None:
-      raise ValueError("jax_ep.dispatch: topk_idx and num_experts are required "
-                       "(or pass handle= for a cached dispatch).")
-    num_experts = _ops.check_num_experts(num_experts, R, op)
-    topk_idx = _ops.check_topk_idx(topk_idx, N, num_experts, op)
-    topk_weights = _ops.check_weights(topk_weights, topk_idx.shape, op, "topk_weights")
-    capacity = _ops.check_num_worst_tokens(num_worst_tokens, N, R, op)
-    if layout is not None:
-      layout = _ops.check_layout(layout, N, R, num_experts, op)
-    return _ll_ops.dispatch_fp8(self._backend, (q, s), topk_idx, topk_weights, layout,
-                                num_experts, capacity)
 
   def _low_latency_impl(self, op: str):
     if self.backend != "xla":
