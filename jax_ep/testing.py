@@ -299,14 +299,9 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
            o[rank] for o in outs]
       e = ref[rank]
       where = f"rank {rank}/{R} repeat {rep}"
-      np.testing.assert_array_equal(per_rank_counts, e["num_tokens_per_rank"], where)
-      np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
-      np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
-      np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
-      np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
+      _assert_layout_and_rows(e, where, per_rank_counts, per_expert, in_rank, recv_x,
+                              recv_idx, counts, send_pos)
       np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
-      np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
-      np.testing.assert_array_equal(send_pos, e["send_pos"], where)
       exp_rank = -np.ones(cap, np.int32)
       exp_idx = -np.ones(cap, np.int32)
       exp_w2 = np.zeros((cap, K), np.float32)
@@ -349,6 +344,19 @@ def random_configs(rng: np.random.Generator, num_ranks: int, count: int):
                     dtype=str(rng.choice(["float32", "bfloat16"])),
                     weighted=bool(rng.random() < 0.7)))
   return out
+
+
+def _assert_layout_and_rows(e, where, per_rank_count, per_expert, in_rank, recv_x,
+                            recv_idx, counts, send_pos):
+  """One rank's layout, received rows, ids, counts and send positions against
+  the reference dispatch ``e`` (bit for bit)."""
+  np.testing.assert_array_equal(per_rank_count, e["num_tokens_per_rank"], where)
+  np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
+  np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
+  np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
+  np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
+  np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
+  np.testing.assert_array_equal(send_pos, e["send_pos"], where)
 
 
 def check_random_routings(process, num_processes, *, count=1008, seed=0, backend="xla",
@@ -442,13 +450,8 @@ def check_random_routings(process, num_processes, *, count=1008, seed=0, backend
             src_rank, n_recv, out, recv_x2 = outs[:10]
         e = ref[rank]
         where = f"{backend} config {c} routing {b} rank {rank}/{R}"
-        np.testing.assert_array_equal(per_rank_count, e["num_tokens_per_rank"], where)
-        np.testing.assert_array_equal(per_expert, e["num_tokens_per_expert"], where)
-        np.testing.assert_array_equal(in_rank, e["is_token_in_rank"], where)
-        np.testing.assert_array_equal(recv_x.astype(np.float32), e["recv_x"], where)
-        np.testing.assert_array_equal(recv_idx, e["recv_topk_idx"], where)
-        np.testing.assert_array_equal(counts, e["num_recv_tokens_per_expert"], where)
-        np.testing.assert_array_equal(send_pos, e["send_pos"], where)
+        _assert_layout_and_rows(e, where, per_rank_count, per_expert, in_rank, recv_x,
+                                recv_idx, counts, send_pos)
         kept = e["recv_src"]
         np.testing.assert_array_equal(src_rank, [s for s, _ in kept] + [-1] * (cap - len(kept)),
                                       where)
