@@ -188,3 +188,39 @@ def test_bad_shapes_name_the_problem():
     gmm.grouped_matmul(jnp.zeros((4, 8)), jnp.zeros((2, 8, 3)), jnp.zeros((2,)))
   with pytest.raises(ValueError, match=r"do not fit \[M,K\] x \[G,K,N\]"):
     gmm.grouped_matmul(jnp.zeros((4, 8)), jnp.zeros((2, 7, 3)), jnp.array([2, 2]))
+
+
+@pytest.mark.skipif(not MOSAIC, reason="needs the Mosaic kernels (a Hopper GPU)")
+@pytest.mark.parametrize("mode", gmm.MODES)
+def test_every_tiling_in_the_table(mode):
+  """The shapes above pick small tiles; the benchmark shapes pick the table's
+  first entries (192-row tiles, column grouping). Run every entry once."""
+  rng = np.random.default_rng(zlib.crc32(mode.encode()))
+  rows, groups = 1000, 5
+  sizes = _groups("skewed", rng, rows, groups)
+  gs = jnp.asarray(sizes)
+  bf = jnp.bfloat16
+  if mode == "nn":     # [M, 256] x [G, 256, 1024]
+    a, b = jnp.asarray(rng.normal(size=(rows, 256)), bf), jnp.asarray(
+        rng.normal(size=(groups, 256, 1024)) / 16, bf)
+    A, B = _f64(a), _f64(b)
+    want, scale = ref_nn(A, B, sizes), np.sqrt(ref_nn(A * A, B * B, sizes))
+  elif mode == "nt":   # [M, 256] x [G, 1024, 256].T
+    a, b = jnp.asarray(rng.normal(size=(rows, 256)), bf), jnp.asarray(
+        rng.normal(size=(groups, 1024, 256)) / 16, bf)
+    A, Bt = _f64(a), np.swapaxes(_f64(b), 1, 2)
+    want, scale = ref_nn(A, Bt, sizes), np.sqrt(ref_nn(A * A, Bt * Bt, sizes))
+  else:                # [M, 1024].T x [M, 256] per group
+    a, b = jnp.asarray(rng.normal(size=(rows, 1024)), bf), jnp.asarray(
+        rng.normal(size=(rows, 256)), bf)
+    A, B = _f64(a), _f64(b)
+    want, scale = ref_tn(A, B, sizes), np.sqrt(ref_tn(A * A, B * B, sizes))
+  tilings = {t for size in ("large", "small") for t in gmm._TILINGS[mode][size]}
+  try:
+    for t in sorted(tilings, key=str):
+      gmm._tiling_override[mode] = t
+      assert gmm.pick_tiling(mode, a.shape, b.shape, groups) == t, (t, "does not fit")
+      got = jax.jit(lambda a, b: gmm._mosaic(mode, a, b, gs, jnp.float32))(a, b)
+      _assert_close(got, want, scale, jnp.bfloat16)
+  finally:
+    gmm._tiling_override.clear()
