@@ -105,13 +105,11 @@ _TILINGS = {
 _tiling_override: dict = {}  # mode -> Tiling; the benchmark's sweep sets it.
 
 
-def _dims(mode, a_shape, b_shape, num_groups):
-  """(rows, contracted, output columns) the kernel sees for ``mode``."""
-  if mode == "nn":
-    return a_shape[0], a_shape[1], b_shape[2]
-  if mode == "nt":
-    return a_shape[0], a_shape[1], b_shape[1]
-  return a_shape[0], a_shape[1], b_shape[1]  # tn: rows contracted, out [K, N]
+def _dims(mode, a_shape, b_shape):
+  """(rows, contracted, output columns) the kernel sees for ``mode``: nn
+  contracts a's K with b [G,K,N]; nt contracts a's N with b [G,K,N]; tn
+  contracts the rows and tiles the output [K, N] (k = a's K, n = b's N)."""
+  return a_shape[0], a_shape[1], b_shape[2] if mode == "nn" else b_shape[1]
 
 
 def _fits(mode, t: Tiling, m, k, n) -> bool:
@@ -124,7 +122,7 @@ def _fits(mode, t: Tiling, m, k, n) -> bool:
 
 def pick_tiling(mode, a_shape, b_shape, num_groups) -> Optional[Tiling]:
   """The tiling the Mosaic kernel gets for these shapes, or None if none fits."""
-  m, k, n = _dims(mode, a_shape, b_shape, num_groups)
+  m, k, n = _dims(mode, a_shape, b_shape)
   if mode in _tiling_override:
     t = _tiling_override[mode]
     return t if _fits(mode, t, m, k, n) else None

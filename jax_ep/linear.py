@@ -110,10 +110,12 @@ def _transpose(cotangents, *args, forward, transpose, num_residuals):
   return [None] * num_residuals + list(operand_cts)
 
 
-def _vmapped(fn, num_residuals, in_axes, out_axes):
+def _vmapped(fn, num_residuals, residual_axes, array_axes, out_axes):
+  """``fn`` vmapped; ``array_axes`` None batches every non-residual on axis 0."""
   def batched(residuals, arrays):
-    return jax.vmap(_flat(fn, num_residuals), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes))(*residuals, *arrays)
+    axes = [0] * len(arrays) if array_axes is None else list(array_axes)
+    return jax.vmap(_flat(fn, num_residuals), in_axes=tuple(residual_axes + axes),
+                    out_axes=out_axes)(*residuals, *arrays)
   return batched
 
 
@@ -130,16 +132,13 @@ def _batch(args, dims, *, forward, transpose, num_residuals):
       a, d = jnp.broadcast_to(a[None], (size,) + a.shape), 0
     operands.append(a)
     operand_axes.append(d)
-  out_avals = jax.eval_shape(
-      lambda *a: jax.vmap(_flat(forward, num_residuals),
-                          in_axes=tuple(residual_axes + operand_axes))(*a),
-      *residuals, *operands)
-  out_axes = [0] * len(out_avals)
+  # Outputs (the transpose's cotangents) are batched on axis 0; the transpose
+  # returns each operand's cotangent batched where the operand is.
   out = linear_call(
-      _vmapped(forward, num_residuals, residual_axes + operand_axes, out_axes),
-      _vmapped(transpose, num_residuals, residual_axes + out_axes, operand_axes),
+      _vmapped(forward, num_residuals, residual_axes, operand_axes, 0),
+      _vmapped(transpose, num_residuals, residual_axes, None, tuple(operand_axes)),
       residuals, operands)
-  return list(out), out_axes
+  return list(out), [0] * len(out)
 
 
 def _lower(ctx, *args, forward, transpose, num_residuals):
