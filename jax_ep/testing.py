@@ -154,6 +154,27 @@ class count_compilations:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+def random_moe_params(rng: np.random.Generator, hidden: int, ffn: int, num_experts: int,
+                      dtype=jnp.float32) -> dict:
+  """Fresh random ``jax_ep.moe`` weights (router float32 of unit scale, so the
+  top-k is decisive; experts scaled by 1/sqrt(fan-in), in ``dtype``)."""
+  f = lambda *s: rng.standard_normal(s).astype(np.float32)
+  H, F, E = hidden, ffn, num_experts
+  p = {"router": f(H, E), "w_gate": f(E, H, F) / np.sqrt(H),
+       "w_up": f(E, H, F) / np.sqrt(H), "w_down": f(E, F, H) / np.sqrt(F)}
+  return {k: jnp.asarray(v) if k == "router" else jnp.asarray(v).astype(dtype)
+          for k, v in p.items()}
+
+
+def assert_close_to_scale(got, want, rel: float, what: str):
+  """Max abs error within ``rel`` of the reference's scale (max |want|)."""
+  got = np.asarray(got, np.float32)
+  want = np.asarray(want, np.float32)
+  scale = max(np.abs(want).max(), 1e-30)
+  err = np.abs(got - want).max()
+  assert err <= rel * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
 def make_mesh(num_ranks: int, axis_name: str = "ep", explicit: bool = False):
   """A 1-D mesh over the first ``num_ranks`` devices (``jax.make_mesh`` if explicit)."""
   devices = jax.devices()[:num_ranks]

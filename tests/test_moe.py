@@ -13,15 +13,7 @@ from jax_ep import testing as ept
 BACKEND = "xla"
 
 
-def _params(rng, H, F, E, dtype=jnp.float32):
-  """Fresh random weights; a router of unit scale so the top-k is decisive."""
-  f = lambda *s: rng.standard_normal(s).astype(np.float32)
-  p = {"router": f(H, E), "w_gate": f(E, H, F) / np.sqrt(H),
-       "w_up": f(E, H, F) / np.sqrt(H), "w_down": f(E, F, H) / np.sqrt(F)}
-  p = {k: jnp.asarray(v) for k, v in p.items()}
-  for k in ("w_gate", "w_up", "w_down"):
-    p[k] = p[k].astype(dtype)
-  return p
+_params = ept.random_moe_params
 
 
 def _sharded_loss_and_grads(mesh, buf, *, top_k, router, normalize,
@@ -58,13 +50,7 @@ def _put(mesh, params, x):
   return params, jax.device_put(x, NamedSharding(mesh, P("ep")))
 
 
-def _assert_close(got, want, rel, what):
-  """Max abs error within ``rel`` of the reference's scale (max |want|)."""
-  got = np.asarray(got, np.float32)
-  want = np.asarray(want, np.float32)
-  scale = max(np.abs(want).max(), 1e-30)
-  err = np.abs(got - want).max()
-  assert err <= rel * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+_assert_close = ept.assert_close_to_scale
 
 
 def _numpy_tokens_per_expert(idx, E):

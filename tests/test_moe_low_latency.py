@@ -14,13 +14,6 @@ from jax_ep import testing as ept
 F32 = np.float32
 
 
-def _params(rng, H, F, E):
-  f = lambda *s: rng.standard_normal(s).astype(F32)
-  return {"router": jnp.asarray(f(H, E)), "w_gate": jnp.asarray(f(E, H, F) / np.sqrt(H)),
-          "w_up": jnp.asarray(f(E, H, F) / np.sqrt(H)),
-          "w_down": jnp.asarray(f(E, F, H) / np.sqrt(F))}
-
-
 def _put(mesh, params, x):
   specs = moe.moe_param_specs("ep")
   return ({k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()},
@@ -51,11 +44,7 @@ def _dense(top_k, expert_x_fn=None):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _close(got, want, rel, what):
-  got, want = np.asarray(got, F32), np.asarray(want, F32)
-  scale = max(np.abs(want).max(), 1e-30)
-  err = np.abs(got - want).max()
-  assert err <= rel * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+_close = ept.assert_close_to_scale
 
 
 @pytest.mark.parametrize("layout,R,N,T,H,F,E,K", [
@@ -66,7 +55,7 @@ def test_low_latency_moe_matches_dense(layout, R, N, T, H, F, E, K):
   rng = np.random.default_rng([R, N, T, E, K])
   mesh = ept.make_mesh(R)
   buf = jax_ep.Buffer(mesh, "ep", backend="xla")
-  params = _params(rng, H, F, E)
+  params = ept.random_moe_params(rng, H, F, E)
   x = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
   ct = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
   (_, (out, n)), grads = _sharded(
@@ -94,7 +83,7 @@ def test_fp8_dispatch_moe_matches_dense():
   rng = np.random.default_rng(21)
   mesh = ept.make_mesh(R)
   buf = jax_ep.Buffer(mesh, "ep", backend="xla")
-  params = _params(rng, H, F, E)
+  params = ept.random_moe_params(rng, H, F, E)
   x = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
   ct = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
   (_, (out, _)), grads = _sharded(mesh, buf, top_k=K, fp8_dispatch=True)(
@@ -127,6 +116,6 @@ def test_fp8_dispatch_moe_matches_dense():
   assert first.max() > 1e-3 * scale, "no FP8 rounding visible: was FP8 used?"
 
   with pytest.raises(ValueError, match="H=64"):
-    p64 = _params(rng, 64, F, E)
+    p64 = ept.random_moe_params(rng, 64, F, E)
     _sharded(mesh, buf, top_k=K, fp8_dispatch=True)(
         *_put(mesh, p64, jnp.zeros((R * N, 64), jnp.float32)), jnp.zeros((R * N, 64)))

@@ -12,16 +12,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax_ep
 from jax_ep import grouped_matmul as gmm
 from jax_ep import moe
+from jax_ep import testing as ept
 
 pytestmark = pytest.mark.skipif(gmm.mosaic_unavailable_reason() is not None,
                                 reason=str(gmm.mosaic_unavailable_reason()))
 
 
-def _close(got, want, rel, what):
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  scale = max(np.abs(want).max(), 1e-30)
-  err = np.abs(got - want).max()
-  assert err <= rel * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+_close = ept.assert_close_to_scale
 
 
 @pytest.mark.parametrize("backend", ["auto", "xla"])
@@ -31,13 +28,9 @@ def test_moe_block_on_mosaic_matches_dense_reference(backend):
   mesh = Mesh(np.array(devices), ("ep",))
   buf = jax_ep.Buffer(mesh, "ep", backend=backend)
   rng = np.random.default_rng(5)
-  f = lambda *s: rng.standard_normal(s).astype(np.float32)
-  params = {"router": jnp.asarray(f(H, E)),
-            "w_gate": jnp.asarray(f(E, H, F) / np.sqrt(H), jnp.bfloat16),
-            "w_up": jnp.asarray(f(E, H, F) / np.sqrt(H), jnp.bfloat16),
-            "w_down": jnp.asarray(f(E, F, H) / np.sqrt(F), jnp.bfloat16)}
-  x = jnp.asarray(f(R * N, H), jnp.bfloat16)
-  ct = jnp.asarray(f(R * N, H))
+  params = ept.random_moe_params(rng, H, F, E, dtype=jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((R * N, H)).astype(np.float32), jnp.bfloat16)
+  ct = jnp.asarray(rng.standard_normal((R * N, H)).astype(np.float32))
   specs = moe.moe_param_specs("ep")
 
   def body(p, x):
