@@ -1,11 +1,14 @@
 """``python -m jax_ep.bench``: dispatch and combine timings, backends side by side.
 
 Shapes: DeepEP's (4096 tokens per rank, hidden 7168, top-8, 256 experts) and a
-small one (128 tokens per rank). GB/s is counted as DeepEP counts it: bytes of
-token rows a rank sends to *other* ranks (dispatch) or receives back from them
-(combine), per rank, divided by the op's time. With one rank nothing crosses,
-so the table then gives the HBM traffic of our local kernels instead, next to
-the measured device-to-device copy bandwidth (read + write counted).
+small one (128 tokens per rank). GB/s (``*_gbps``) is counted as DeepEP's tests
+count it: bytes of the token rows a rank receives in dispatch (and sends back
+in combine), its own rows included, per rank, divided by the op's time.
+``*_crossing_gbps`` counts only the rows that cross to another rank, which is
+what a link carries (at R = 2 about half of DeepEP's count). With one rank
+nothing crosses, so the table then gives the HBM traffic of our local kernels
+instead, next to the measured device-to-device copy bandwidth (read + write
+counted).
 
 Backends: ``xla`` (padded ``lax.all_to_all``), ``cuda`` (ours) and ``ragged``
 (``lax.ragged_all_to_all``, the way a JAX user would write it; in the
@@ -19,16 +22,23 @@ r on GPU r % G) and ``emulated`` (``--ranks N``: N processes sharing GPU 0,
 which says nothing about NVLink).
 
 Timing: each op runs ``iters`` times back to back inside one jitted program,
-each call on its own input made on the device beforehand, its whole output
-kept (see ``time_backend``), so XLA can neither merge, hoist nor trim a call.
-On GPUs the program reads the device clock (``jax_ep_clock``, %globaltimer)
-after its setup and after the last call: the time is device time, taken
-after two warm-up runs, the slowest rank's, median of ``reps`` runs, divided by
-``iters``. Each call takes the previous call's result through an optimization
-barrier, so XLA cannot fuse independent calls into one kernel (it did: the
-xla backend's layout and small-batch ops looked several times faster before).
-Elsewhere the host clock around the whole program is used (cached dispatch and
-combine then include their setup dispatch).
+each call on its own input made on the device beforehand and taking the
+previous call's result through an optimization barrier, so XLA cannot fuse
+independent calls into one kernel. The time of an op is the host time of that
+program less the host time of the same program without the calls (its setup
+only), divided by ``iters``: median of ``reps`` such differences after
+warm-up, the slowest process's where there are several. The host clock is
+used because it cannot miss work: XLA schedules its asynchronous collectives
+freely, and the optimized HLO showed 67 of the xla dispatch program's 84
+all-to-alls placed before a device-clock read that came first in the program,
+so device-clock figures for the xla backend were 3x too fast (its dispatch
+read 121 us by the device clock, ~400 us by the host). ``--clock device``
+still reads the device clock (``jax_ep_clock``, %globaltimer) after the setup
+and after the last call, which is right for our kernels (custom calls stay in
+program order on the compute stream) and shows their time free of host
+overhead. For ops shorter than the host's cost of launching them (small
+batches), the host clock measures that launch cost: what a program that runs
+them back to back gets.
 
 On machines with several GPUs the copy-engine bandwidth between each pair of
 GPUs (both directions at once, 1 GiB each way) is measured first: the ``p2p``
@@ -53,8 +63,20 @@ SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
 OPS = ("layout", "dispatch", "cached_dispatch", "combine")
 
 
+def received_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> float:
+  """DeepEP's byte count: token rows a rank receives, its own included, averaged
+  over ranks (DeepEP's tests divide ``recv_x.numel() * 2`` by the time, for
+  dispatch and combine alike).
+
+  ``is_token_in_rank_of_each_rank[s]`` is rank s's ``[N, R]`` layout mask.
+  """
+  import numpy as np
+  masks = [np.asarray(m) for m in is_token_in_rank_of_each_rank]
+  return sum(int(m.sum()) for m in masks) * row_bytes / len(masks)
+
+
 def crossing_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> float:
-  """DeepEP's byte count: token rows a rank sends to *other* ranks, averaged over ranks.
+  """Token rows a rank sends to *other* ranks (what crosses a link), averaged over ranks.
 
   ``is_token_in_rank_of_each_rank[s]`` is rank s's ``[N, R]`` layout mask.
   """
@@ -117,9 +139,16 @@ def _uses_device_clock(mesh) -> bool:
 
 
 def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
-                 iters=20, reps=7, seed=0, to_global=None, num_sms=None):
+                 iters=20, reps=7, seed=0, to_global=None, num_sms=None, clock="host",
+                 hlo_dir=None):
   """Per-op seconds (lists, one entry per timed run) for layout, dispatch,
-  cached dispatch and combine on ``mesh``, for the ranks this process holds."""
+  cached dispatch and combine on ``mesh``, for the ranks this process holds.
+
+  ``clock="host"`` (default): host time of the program with ``iters`` calls
+  less that of the same program without them, divided by ``iters``.
+  ``clock="device"``: the device clock after the setup and after the last
+  call; right for our kernels only (see the module docstring).
+  ``hlo_dir``: write each timed program's optimized HLO there."""
   import numpy as np
   import jax
   import jax.numpy as jnp
@@ -143,7 +172,9 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   args = [to_global(mesh, a) for a in (idxs, ws)]
   shard = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
   keep = lax.optimization_barrier
-  device_clock = _uses_device_clock(mesh)
+  if clock == "device" and not _uses_device_clock(mesh):
+    raise ValueError("clock='device' needs the cuda extension and GPUs")
+  device_clock = clock == "device"
   if device_clock:
     from jax_ep.backends.cuda import device_clock as clock
 
@@ -185,8 +216,8 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
   }
 
-  def program(op):
-    # setup -> clock -> `iters` calls, each on its own input -> clock.
+  def program(op, n):
+    # setup -> clock -> n calls, each on its own input -> clock.
     def f(x, idx, w, *vs):
       h = setup(x, idx) if op in ("cached_dispatch", "combine") else None
       layout = buf.get_dispatch_layout(idx[0], E) if op == "dispatch" else None
@@ -194,10 +225,10 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       if layout is not None:
         ready = ready + layout.num_tokens_per_rank[0].astype(jnp.float32)
       t0 = stamp(ready) if device_clock else ready
-      # Each call waits for the previous one's result (through a barrier, no
-      # copy), so XLA cannot fuse the independent calls into one kernel.
-      probes, prev = [], t0
-      for v in vs:
+      # Each call takes the previous one's result through a barrier (no copy),
+      # so XLA cannot fuse independent calls into one kernel.
+      probes, prev = [t0], t0
+      for v in vs[:n]:
         prev, v = keep((prev, v))
         prev = probe(work[op](v[0], idx[0], w[0], h, layout))
         probes.append(prev)
@@ -207,24 +238,34 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       return jnp.stack([t0, stamp(total)])[None]
     return shard(f)
 
+  def host_seconds(call):
+    t = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - t
+
   res = {}
   for op in OPS:
-    fn = program(op)
+    fn, base = program(op, iters), program(op, 0)
     call = lambda: fn(x0, *args, *inputs[op])
-    jax.block_until_ready(call())  # compile + warm up
-    jax.block_until_ready(call())
+    call_base = lambda: base(x0, *args, *inputs[op])
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{backend}_{op}_{N}x{H}.hlo.txt"), "w") as f:
+        f.write(fn.lower(x0, *args, *inputs[op]).compile().as_text())
+    for c in (call, call_base) * 2:  # compile + warm up
+      jax.block_until_ready(c())
     times = []
     for _ in range(reps):
-      t = time.perf_counter()
-      out = jax.block_until_ready(call())
-      host = time.perf_counter() - t
       if device_clock:
-        stamps = ept._local_ranks(out)
-        host = max(int(s[1]) - int(s[0]) for s in stamps.values()) * 1e-9
-      times.append(host / iters)
+        stamps = ept._local_ranks(jax.block_until_ready(call()))
+        seconds = max(int(s[1]) - int(s[0]) for s in stamps.values()) * 1e-9
+      else:  # the same program without the calls, timed right before, is subtracted
+        seconds = host_seconds(call) - host_seconds(call_base)
+      times.append(seconds / iters)  # a difference: can be < 0 for ops lost in the noise
     res[op] = times
-  res["crossing_bytes"] = crossing_bytes_per_rank(
-      [ept.reference_layout(i, E, R)[2] for i in idxs], H * 2)
+  masks = [ept.reference_layout(i, E, R)[2] for i in idxs]
+  res["crossing_bytes"] = crossing_bytes_per_rank(masks, H * 2)
+  res["received_bytes"] = received_bytes_per_rank(masks, H * 2)
   if isinstance(axis, tuple):  # what crosses the node axis, once per destination node
     res["node_hop_bytes"] = node_hop_bytes_per_rank(
         [ept.reference_layout(i, E, R)[2] for i in idxs], mesh.shape[axis[1]], H * 2)
@@ -279,7 +320,7 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandw
                 "cached_gbps", "combine_gbps"):
       row[key] = None
     return row
-  med = {op: float(np.median(times[op])) for op in OPS}
+  med = {op: max(float(np.median(times[op])), 0.0) for op in OPS}
   row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
          "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
   if "node_hop_bytes" in res:  # two-axis mesh: MB per rank across the node axis
@@ -291,15 +332,17 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandw
     row.update(gbps_of=None, dispatch_gbps=None, cached_gbps=None, combine_gbps=None)
     return row
   if ranks > 1:
-    gb = res["crossing_bytes"] / 1e9
-    row["gbps_of"] = "crossing"
+    gb = res["received_bytes"] / 1e9
+    row["gbps_of"] = "received"
+    cross = res["crossing_bytes"] / 1e9
+    for op, key in (("dispatch", "dispatch"), ("cached_dispatch", "cached"), ("combine", "combine")):
+      row[f"{key}_crossing_gbps"] = round(cross / med[op], 1) if med[op] > 0 else None
   else:
     gb = res["local_bytes"] / 1e9
     row["gbps_of"] = "hbm"
     row["copy_gbps"] = round(copy_gbps, 1) if copy_gbps else None
-  row["dispatch_gbps"] = round(gb / med["dispatch"], 1)
-  row["cached_gbps"] = round(gb / med["cached_dispatch"], 1)
-  row["combine_gbps"] = round(gb / med["combine"], 1)
+  for op, key in (("dispatch", "dispatch"), ("cached_dispatch", "cached"), ("combine", "combine")):
+    row[f"{key}_gbps"] = round(gb / med[op], 1) if med[op] > 0 else None
   return row
 
 
@@ -334,6 +377,11 @@ def main(argv=None) -> int:
   ap.add_argument("--mesh", default="",
                   help="NODExLOCAL (e.g. 2x4): a two-axis Buffer over ('node', 'local') "
                        "on this process's first NODE*LOCAL devices (xla hops)")
+  ap.add_argument("--clock", choices=("host", "device"), default="host",
+                  help="host (default): host time with the calls less host time without "
+                       "them; device: the device clock around the calls (our kernels only: "
+                       "XLA schedules its own collectives before the first clock)")
+  ap.add_argument("--hlo", default="", help="folder: write each timed program's optimized HLO")
   ap.add_argument("--moe", action="store_true",
                   help="instead: the experts' grouped matmuls and the MoE block "
                        "(jax_ep.bench_moe)")
@@ -400,7 +448,8 @@ def main(argv=None) -> int:
         if b == "ragged" and s in ragged:
           res = ragged[s]
         else:
-          res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms)
+          res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms,
+                         clock=args.clock, hlo_dir=args.hlo or None)
         rows.append(_row(b, len(devices), f"one, mesh {args.mesh}" if args.mesh else "one",
                          s, num_sms, res, res, copy_gbps,
                          bandwidth=on_gpu))
@@ -453,8 +502,9 @@ def _ragged_in_child(shape, iters, reps, timeout_s=300):
 
 COLUMNS = ("backend", "num_sms", "ranks", "processes", "shape", "layout_us", "dispatch_us",
            "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
-           "note")
-BANDWIDTH_COLUMNS = ("num_sms", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of")
+           "dispatch_crossing_gbps", "combine_crossing_gbps", "note")
+BANDWIDTH_COLUMNS = ("num_sms", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
+                     "dispatch_crossing_gbps", "combine_crossing_gbps")
 
 
 def _defaults(args, on_gpu: bool):

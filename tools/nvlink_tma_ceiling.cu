@@ -31,13 +31,11 @@ enum Mode : int {
   kLocal = 2,      // local row -> local copy
   kDual = 3,       // local row -> peer and local (a dispatch sender)
   kSplit = 4,      // even warps push, odd warps copy locally (sender + drain)
+  kSplitBlocks = 5,  // the same roles on separate SMs: even blocks push, odd blocks copy
 };
 
 // Each warp's lane 0 runs a ring of S stages, keeping L loads ahead; a stage
 // is reused once the store that read it has finished reading.
-__device__ __forceinline__ void StoreRelaxedSysU64(uint64_t* p, uint64_t v) {
-  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 // Flagging variants for pushed rows (each flag a u64 in the peer's memory):
 // 0 none; 1 per row: wait for the row's bulk store (4 newer may fly), proxy
@@ -67,6 +65,13 @@ __global__ void TmaKernel(const char* src, const char* src2, char* peer_dst, cha
     from = pusher ? src : src2;
     first = static_cast<int64_t>(blockIdx.x) * (warps / 2) + warp / 2;
     step = static_cast<int64_t>(gridDim.x) * (warps / 2);
+  } else if (mode == kSplitBlocks) {
+    const bool pusher = (blockIdx.x % 2) == 0;
+    push = pusher;
+    local = !pusher;
+    from = pusher ? src : src2;
+    first = static_cast<int64_t>(blockIdx.x / 2) * warps + warp;
+    step = static_cast<int64_t>(gridDim.x / 2) * warps;
   }
   const int64_t count = first < rows ? (rows - first + step - 1) / step : 0;
   auto issue = [&](int64_t m) {
@@ -285,6 +290,11 @@ int main(int argc, char** argv) {
   sweep("TMA dual (push+local) w4 S4 L2", [](int b) { return Tma<4, 2>(b, 4, kDual); });
   sweep("TMA split (push | drain) w4 S4 L2", [](int b) { return Tma<4, 2>(b, 4, kSplit); });
   sweep("TMA split (push | drain) w8 S2 L1", [](int b) { return Tma<2, 1>(b, 8, kSplit); });
+  // The same two roles, on separate SMs: does a push slow the local copies
+  // that share its SM (one bulk-copy unit per SM), beyond sharing the SMs?
+  sweep("TMA split by SM (push | drain) w4 S4 L2", [](int b) { return Tma<4, 2>(b, 4, kSplitBlocks); });
+  sweep("TMA local w4 S4 L2, half the SMs", [](int b) { return Tma<4, 2>(b / 2, 4, kLocal); });
+  sweep("TMA push w4 S4 L2, half the SMs", [](int b) { return Tma<4, 2>(b / 2, 4, kPush); });
 
   // Signal latency.
   uint32_t* flags[2];
