@@ -61,6 +61,9 @@ JAX_EP_HD const char* OpName(int op) {
   }
 }
 
+// Ints per rank slot of the host-mapped fault record (runtime.h).
+constexpr int kFaultSlotInts = 8;
+
 // What a fault record (runtime.h) says went wrong.
 enum FaultKind : int {
   kFaultNone = 0,

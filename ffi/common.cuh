@@ -61,6 +61,16 @@ __device__ __forceinline__ int4 LoadNc16(const int4* p) {
   return v;
 }
 
+// Loads of rows that peers write during the kernel (after an acquire of their
+// flags): cached in L2 only, so no L1 line from before the write can be read.
+__device__ __forceinline__ int4 LoadCg16(const int4* p) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // Stores that are not re-read by this SM: skip L1.
 __device__ __forceinline__ void Store16(int4* p, const int4& v) {
   asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p),
@@ -210,7 +220,8 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 __device__ __forceinline__ void RecordFault(int* record, int kind, int op, int rank, int peer,
                                             int other_op, uint32_t seq) {
   if (record == nullptr) return;
-  // First writer wins; state 2 = complete.
+  // The rank's own slot (runtime.h); in it the first writer wins; state 2 = complete.
+  record += kFaultSlotInts * (static_cast<unsigned>(rank) % kMaxRanks);
   if (atomicCAS_system(record, 0, 1) == 0) {
     volatile int* r = record;
     r[1] = kind;

@@ -32,6 +32,27 @@ nb::capsule EncapsulateHandler(T* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
 
+// A recorded fault in the words the kernel printed.
+std::string FaultText(const Fault& f) {
+  const std::string op = OpName(f.op), other = OpName(f.other_op);
+  const std::string r = std::to_string(f.rank), p = std::to_string(f.peer);
+  switch (f.kind) {
+    case kFaultTimeout: return op + " timed out on rank " + r + " waiting for rank " + p;
+    case kFaultOpMismatch: return op + " on rank " + r + " met " + other + " from rank " + p;
+    case kFaultShapeMismatch:
+      return op + " on rank " + r + " met " + other + " with different shapes from rank " + p;
+    case kFaultLayoutMismatch:
+      return op + " on rank " + r + ": the layout does not match topk_idx (a stale layout?)";
+    case kFaultPeerAborted: return op + " on rank " + r + ": rank " + p + " gave up on the op";
+    case kFaultBadRank:
+      return op + " got rank operand " + p + " but the buffer is registered as rank " + r;
+    case kFaultDestroyed: return op + " used a Buffer after destroy()";
+    case kFaultHandleMismatch:
+      return op + " on rank " + r + ": a row from rank " + p + " does not match the handle";
+    default: return op + " failed on rank " + r;
+  }
+}
+
 }  // namespace
 
 void BindCuda(nb::module_& m) {
@@ -106,31 +127,13 @@ void BindCuda(nb::module_& m) {
   // it printed ("jax_ep: dispatch timed out on rank 0 waiting for rank 1"),
   // else None.
   m.def("fault_message", []() -> nb::object {
-    Fault f{};
-    if (!ReadFaultRecord(&f)) return nb::none();
-    const std::string op = OpName(f.op), other = OpName(f.other_op);
-    const std::string r = std::to_string(f.rank), p = std::to_string(f.peer);
-    std::string msg;
-    switch (f.kind) {
-      case kFaultTimeout: msg = op + " timed out on rank " + r + " waiting for rank " + p; break;
-      case kFaultOpMismatch: msg = op + " on rank " + r + " met " + other + " from rank " + p; break;
-      case kFaultShapeMismatch:
-        msg = op + " on rank " + r + " met " + other + " with different shapes from rank " + p;
-        break;
-      case kFaultLayoutMismatch:
-        msg = op + " on rank " + r + ": the layout does not match topk_idx (a stale layout?)";
-        break;
-      case kFaultPeerAborted: msg = op + " on rank " + r + ": rank " + p + " gave up on the op"; break;
-      case kFaultBadRank:
-        msg = op + " got rank operand " + p + " but the buffer is registered as rank " + r;
-        break;
-      case kFaultDestroyed: msg = op + " used a Buffer after destroy()"; break;
-      case kFaultHandleMismatch:
-        msg = op + " on rank " + r + ": a row from rank " + p + " does not match the handle";
-        break;
-      default: msg = op + " failed on rank " + r;
+    std::string all;
+    for (const Fault& f : ReadFaultRecords()) {
+      if (!all.empty()) all += "\n";
+      all += "jax_ep: " + FaultText(f);
     }
-    return nb::str(("jax_ep: " + msg).c_str());
+    if (all.empty()) return nb::none();
+    return nb::str(all.c_str());
   });
 
   m.def(

@@ -31,16 +31,26 @@ namespace jax_ep {
 namespace intranode {
 namespace {
 
-constexpr int kWarps = 6;
+constexpr int kWarps = 10;
 constexpr int kThreads = kWarps * 32;
 constexpr int kPushWarps = 2;                        // warps 0-1
-constexpr int kCopyWarps = 2;                        // per copy role
-constexpr int kFirstLocalWarp = kPushWarps;          // warps 2-3: local rows
-constexpr int kFirstDrainWarp = kPushWarps + kCopyWarps;  // warps 4-5: arrived rows
-constexpr int kReduceWarps = kWarps - kPushWarps;    // combine: warps 2-5
+constexpr int kCopyWarps = 4;                        // per copy role
+constexpr int kFirstLocalWarp = kPushWarps;          // warps 2-5: local rows
+constexpr int kFirstDrainWarp = kPushWarps + kCopyWarps;  // warps 6-9: arrived rows
+// Copy warps move rows with plain 16-byte loads and stores, kCopyUnroll per
+// lane in flight: each SM's bulk-copy (TMA) unit is left to the push warps.
+// (v2's first copies went through it too, and the three roles then shared one
+// unit per SM: cached dispatch 243 us where the push alone runs ~180 us.)
+constexpr int kCopyUnroll = 16;
 static_assert(kFirstDrainWarp + kCopyWarps == kWarps, "warp roles");
+// Combine: the push warps, then reduce warps that sum with plain loads,
+// kReduceUnroll 16-byte loads per source in flight per lane, so that the sum
+// keeps enough bytes in flight to run at HBM speed. (v2's first combine summed
+// through bulk loads, one chunk ahead per warp: 7 us per chunk, and it scaled
+// with the SM count: the reduce, not the link, set the pace.)
+constexpr int kReduceWarps = kWarps - kPushWarps;
+constexpr int kReduceUnroll = 8;
 constexpr int kPushStages = 4, kPushLookahead = 2;
-constexpr int kCopyStages = 2, kCopyLookahead = 1;
 // Pushed rows are flagged in batches of Plan::flag_batch, leaving the newest
 // Plan::flag_keep bulk stores in flight: a flag needs its row's store complete
 // plus a system-scope fence, and paying that per row would cap a warp at about
@@ -50,9 +60,10 @@ constexpr int kHistBins = 256;  // shared-memory expert histogram when E/R fits
 // Dynamic shared memory per block: the opt-in maximum less room for the
 // kernels' static arrays.
 constexpr int64_t kSmemBudget = kMaxSmemBytes - 1024;
-constexpr int kDispatchStages = kPushWarps * kPushStages + 2 * kCopyWarps * kCopyStages;
+constexpr int kDispatchStages = kPushWarps * kPushStages;
 constexpr int kDispatchBars = kDispatchStages;
-constexpr int kCombineBars = kPushWarps * kPushStages + kReduceWarps * 2;
+constexpr int kCombineStages = kPushWarps * kPushStages;
+constexpr int kCombineBars = kCombineStages;
 
 // Per-launch shared-memory plan, made on the host (MakePlan).
 struct Plan {
@@ -346,54 +357,35 @@ __device__ void PushPipeline(int64_t first, int64_t end, int64_t step, Next next
   __syncwarp();
 }
 
-// Copy pipeline (one destination, no flags): `next(i)` as above, `ready(i)`
-// (all lanes, before the row's first load) waits until the row may be read,
+// Copy role (one destination, no flags): `next(i)` as above, `ready(i)` (all
+// lanes, before the row is read) waits until the row may be read,
 // `src_row(i)` / `dst_row(i)` address the rows, `meta(i, lane)` handles the
-// row's metadata (all lanes).
-template <class Next, class Ready, class SrcRow, class DstRow, class Meta>
-__device__ void CopyPipeline(int64_t first, int64_t end, int64_t step, Next next, Ready ready,
-                             SrcRow src_row, DstRow dst_row, Meta meta, Ring& ring, const Plan& p,
-                             int64_t row_bytes, int lane) {
-  constexpr int S = kCopyStages, L = kCopyLookahead;
-  int64_t li = next(first), si = li, loaded = 0, stored = 0;
-  int lc = 0, sc = 0;
-  auto issue_load = [&] {
-    const int s = static_cast<int>(loaded % S);
-    if (lc == 0) ready(li);
-    if (lane == 0) {
-      const uint32_t bytes = ChunkBytes(p, row_bytes, lc);
-      MbarArriveExpectTx(ring.bar0 + s, bytes);
-      BulkLoad(ring.Stage(s), src_row(li) + lc * p.chunk_bytes, bytes, ring.bar0 + s);
+// row's metadata (all lanes). kPeerWritten: the source rows are written by
+// peers during the kernel (read through L2 only, see LoadCg16); otherwise
+// they are an XLA operand (read-only path).
+template <bool kPeerWritten, class Next, class Ready, class SrcRow, class DstRow, class Meta>
+__device__ void CopyRows(int64_t first, int64_t end, int64_t step, Next next, Ready ready,
+                         SrcRow src_row, DstRow dst_row, Meta meta, int64_t row_bytes, int lane) {
+  const int64_t n16 = row_bytes / 16;
+  for (int64_t i = next(first); i < end; i = next(i + step)) {
+    ready(i);
+    const int4* src = reinterpret_cast<const int4*>(src_row(i));
+    int4* dst = reinterpret_cast<int4*>(dst_row(i));
+    for (int64_t base = 0; base < n16; base += 32 * kCopyUnroll) {
+      int4 v[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int64_t j = base + lane + 32 * u;
+        if (j < n16) v[u] = kPeerWritten ? LoadCg16(src + j) : LoadNc16(src + j);
+      }
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int64_t j = base + lane + 32 * u;
+        if (j < n16) Store16(dst + j, v[u]);
+      }
     }
-    __syncwarp();
-    ++loaded;
-    if (++lc == p.num_chunks) {
-      lc = 0;
-      li = next(li + step);
-    }
-  };
-  while (loaded < L && li < end) issue_load();
-  while (si < end) {
-    const int s = static_cast<int>(stored % S);
-    RingWait(ring, s);
-    if (lane == 0) {
-      BulkStore(dst_row(si) + sc * p.chunk_bytes, ring.Stage(s), ChunkBytes(p, row_bytes, sc));
-      BulkCommit();
-    }
-    if (sc == 0) meta(si, lane);
-    ++stored;
-    __syncwarp();
-    if (++sc == p.num_chunks) {
-      sc = 0;
-      si = next(si + step);
-    }
-    if (li < end) {
-      if (lane == 0 && loaded >= S) BulkWaitRead<S - L>();
-      issue_load();
-    }
+    meta(i, lane);
   }
-  if (lane == 0) BulkWait<0>();
-  __syncwarp();
 }
 
 // Zero rows [valid, M) of a receive buffer (drain warps of every block).
@@ -606,8 +598,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                  ring_flags, p, row_bytes, seq, lane);
   } else if (warp < kFirstDrainWarp) {
     const int w = warp - kFirstLocalWarp;
-    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * kCopyStages,
-                         kPushWarps * kPushStages + w * kCopyStages, kCopyStages, lane);
     auto next = [&](int64_t i) {
       while (i < t1 && dest_of(i, me) < 0) i += kCopyWarps;
       return i;
@@ -630,15 +620,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         a.recv_src_rank[r] = me;
       }
     };
-    CopyPipeline(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p, row_bytes,
-                 lane);
+    CopyRows<false>(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes, lane);
   } else {
     const int w = warp - kFirstDrainWarp;
     ZeroPadding(valid, M, row_bytes, K, recv_x, a.recv_topk_idx, a.recv_topk_weights,
                 a.recv_src_idx, a.recv_src_rank, lane);
-    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages,
-                         kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages, kCopyStages,
-                         lane);
     int64_t lo[kMaxRanks], hi[kMaxRanks];
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
@@ -690,8 +676,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         a.recv_src_rank[r] = s;
       }
     };
-    CopyPipeline(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p,
-                 row_bytes, lane);
+    CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
+                   lane);
   }
   __syncthreads();
   if (hist != nullptr) {
@@ -765,8 +751,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                  ring_flags, p, row_bytes, seq, lane);
   } else if (warp < kFirstDrainWarp) {
     const int w = warp - kFirstLocalWarp;
-    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * kCopyStages,
-                         kPushWarps * kPushStages + w * kCopyStages, kCopyStages, lane);
     auto next = [&](int64_t i) {
       while (i < t1 && dest_of(i, me) < 0) i += kCopyWarps;
       return i;
@@ -780,14 +764,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             weights != nullptr ? __ldg(weights + i * K + l) : 0.f;
       }
     };
-    CopyPipeline(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p, row_bytes,
-                 lane);
+    CopyRows<false>(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes, lane);
   } else {
     const int w = warp - kFirstDrainWarp;
     ZeroPadding(valid, M, row_bytes, K, recv_x, nullptr, a.recv_weights, nullptr, nullptr, lane);
-    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages,
-                         kPushWarps * kPushStages + (kCopyWarps + w) * kCopyStages, kCopyStages,
-                         lane);
     int64_t lo[kMaxRanks], hi[kMaxRanks];
     SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
     Windows win;
@@ -829,8 +809,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t r = win.Row(v, &s);
       if (l < K) a.recv_weights[r * K + l] = weights != nullptr ? meta_base[r * 2 * K + K + l] : 0.f;
     };
-    CopyPipeline(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, ring, p,
-                 row_bytes, lane);
+    CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
+                   lane);
   }
   FinishOp(own, seq);
 }
@@ -917,26 +897,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                  ring_flags, p, row_bytes, seq, lane);
   } else {
     const int w = warp - kPushWarps;
-    // Two slots of R stages each: a token's sources load while the previous
-    // token is summed.
-    Ring ring = MakeRing(smem, p, kPushWarps * kPushStages + w * 2 * R,
-                         kPushWarps * kPushStages + w * 2, 2, lane);
     const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
     const int64_t first = t0 + w;
     const int64_t num_tokens = first < t1 ? (t1 - first + kReduceWarps - 1) / kReduceWarps : 0;
-    const int64_t count = num_tokens * p.num_chunks;
     const uint64_t* flags = At<uint64_t>(own, reg.flags);
     const char* slots = own + reg.slots;
     const float* slot_w = At<float>(own, reg.slot_weights);
     char* out = static_cast<char*>(a.combined_x);
-    // Rows of token i per rank (-1: none), every lane.
-    auto sources = [&](int64_t i, int (&pos)[kMaxRanks]) {
-      int q = lane < R ? __ldg(a.send_pos + i * R + lane) : -1;
-      if (q >= M) q = -1;
-#pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, q, d);
-    };
-    uint32_t mask0 = 0u, mask1 = 0u;  // sources of the token in slot 0 / 1
+    const int64_t n16 = row_bytes / 16;
     // Token m of this warp (i = first + m * kReduceWarps) can be summed once
     // every peer's copy of it has arrived.
     int64_t ready_until = 0;
@@ -970,75 +938,77 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       ready_until = m + WaitReadyRun(m, num_tokens, 1, token_ready, timeout, a.timeout_ns, lane);
     };
-    auto issue = [&](int64_t n) {
-      const int slot = static_cast<int>(n & 1);
-      const int64_t i = first + (n / p.num_chunks) * kReduceWarps;
-      const int c = static_cast<int>(n % p.num_chunks);
-      if (c == 0) wait_token(n / p.num_chunks);
-      int pos[kMaxRanks];
-      sources(i, pos);
+    for (int64_t m = 0; m < num_tokens; ++m) {
+      wait_token(m);
+      const int64_t i = first + m * kReduceWarps;
+      // The token's copies in rank order (the order the xla backend adds them
+      // in, so the two agree bit for bit): our own row of y, peers' slots.
+      int q = lane < R ? __ldg(a.send_pos + i * R + lane) : -1;
+      if (q >= M) q = -1;
+      const int4* src[kMaxRanks];
+      int nsrc = 0, local_k = -1;  // local_k: our own row's place in src (read-only y)
       uint32_t mask = 0;
 #pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) mask |= (pos[d] >= 0 ? 1u : 0u) << d;
-      if (slot == 0) mask0 = mask; else mask1 = mask;
-      __syncwarp();  // every lane is done reading this slot's previous token
-      if (lane == 0 && mask != 0) {
-        FenceProxyAsyncShared();
-        const uint32_t bytes = ChunkBytes(p, row_bytes, c);
-        MbarArriveExpectTx(ring.bar0 + slot, bytes * __popc(mask));
-        int k = 0;
+      for (int d = 0; d < kMaxRanks; ++d) {
+        const int pos = __shfl_sync(kFullMask, q, d);
+        if (pos < 0) continue;
+        mask |= 1u << d;
+        if (d == me) local_k = nsrc;
+        src[nsrc++] = reinterpret_cast<const int4*>(
+            d == me ? y + static_cast<int64_t>(pos) * row_bytes
+                    : slots + (PeerIndex(d, me) * N + i) * row_bytes);
+      }
+      int4* dst = reinterpret_cast<int4*>(out + i * row_bytes);
+      for (int64_t base = 0; base < n16; base += 32 * kReduceUnroll) {
+        float acc[kReduceUnroll][Traits::kElems];
 #pragma unroll
-        for (int d = 0; d < kMaxRanks; ++d) {
-          if (pos[d] < 0) continue;
-          const char* src;
-          if (d == me) {
-            src = y + pos[d] * row_bytes;
-          } else {
-            src = slots + (PeerIndex(d, me) * N + i) * row_bytes;
+        for (int u = 0; u < kReduceUnroll; ++u) {
+#pragma unroll
+          for (int e = 0; e < Traits::kElems; ++e) acc[u][e] = 0.f;
+        }
+        // Two sources at a time: 2 x kReduceUnroll loads in flight per lane.
+        for (int k = 0; k < nsrc; k += 2) {
+          int4 va[kReduceUnroll], vb[kReduceUnroll];
+          const bool two = k + 1 < nsrc;
+          const bool a_local = k == local_k, b_local = k + 1 == local_k;
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u) {
+            const int64_t v = base + lane + 32 * u;
+            if (v < n16) {
+              va[u] = a_local ? LoadNc16(src[k] + v) : LoadCg16(src[k] + v);
+              if (two) vb[u] = b_local ? LoadNc16(src[k + 1] + v) : LoadCg16(src[k + 1] + v);
+            }
           }
-          BulkLoad(ring.Stage(slot * R + k), src + c * p.chunk_bytes, bytes, ring.bar0 + slot);
-          ++k;
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u) {
+            if (base + lane + 32 * u < n16) {
+              Traits::Add(va[u], acc[u]);
+              if (two) Traits::Add(vb[u], acc[u]);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kReduceUnroll; ++u) {
+          const int64_t v = base + lane + 32 * u;
+          if (v < n16) Store16(dst + v, Traits::Pack(acc[u]));
         }
       }
-      __syncwarp();
-    };
-    auto reduce = [&](int64_t n) {
-      const int slot = static_cast<int>(n & 1);
-      const int64_t i = first + (n / p.num_chunks) * kReduceWarps;
-      const int c = static_cast<int>(n % p.num_chunks);
-      const uint32_t mask = slot == 0 ? mask0 : mask1;
-      const int nsrc = __popc(mask);
-      const int64_t n16 = ChunkBytes(p, row_bytes, c) / 16;
-      int4* dst = reinterpret_cast<int4*>(out + i * row_bytes + c * p.chunk_bytes);
-      if (nsrc > 0) RingWait(ring, slot);
-      for (int64_t v = lane; v < n16; v += 32) {
-        float acc[Traits::kElems];
-#pragma unroll
-        for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
-        for (int k = 0; k < nsrc; ++k) Traits::Add(LoadShared16(ring.Stage(slot * R + k) + v * 16), acc);
-        Store16(dst + v, Traits::Pack(acc));
-      }
-      if (c == 0 && lane < K) {
-        float w = 0.f;
+      if (lane < K) {
+        float wsum = 0.f;
         if (weights != nullptr) {  // lane k sums weight k of every copy
 #pragma unroll
           for (int d = 0; d < kMaxRanks; ++d) {
             if (!((mask >> d) & 1u)) continue;
             if (d == me) {
-              const int q = __ldg(a.send_pos + i * R + d);
-              w += __ldg(weights + static_cast<int64_t>(q) * K + lane);
+              const int qm = __ldg(a.send_pos + i * R + d);
+              wsum += __ldg(weights + static_cast<int64_t>(qm) * K + lane);
             } else {
-              w += slot_w[(PeerIndex(d, me) * N + i) * K + lane];
+              wsum += slot_w[(PeerIndex(d, me) * N + i) * K + lane];
             }
           }
         }
-        a.combined_weights[i * K + lane] = w;
+        a.combined_weights[i * K + lane] = wsum;
       }
-    };
-    if (count > 0) issue(0);
-    for (int64_t n = 0; n < count; ++n) {
-      if (n + 1 < count) issue(n + 1);
-      reduce(n);
     }
   }
   FinishOp(own, seq);
@@ -1144,8 +1114,7 @@ cudaError_t CachedDispatch(const CachedDispatchArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t Combine(const CombineArgs& a, cudaStream_t stream) {
-  const int stages = kPushWarps * kPushStages + kReduceWarps * 2 * a.group.num_ranks;
-  const Plan p = MakePlan(a.row_bytes, stages, kCombineBars, false, a.num_sms,
+  const Plan p = MakePlan(a.row_bytes, kCombineStages, kCombineBars, false, a.num_sms,
                           a.group.ranks_on_device);
   const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
                                    a.weights != nullptr, static_cast<int64_t>(a.row_type)});

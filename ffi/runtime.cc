@@ -103,24 +103,25 @@ int* FaultRecord() {
     void* p = nullptr;
     // Portable + mapped: one pinned allocation visible from every device
     // (unified addressing makes the host pointer valid on the device).
-    Check(cudaHostAlloc(&p, 8 * sizeof(int), cudaHostAllocMapped | cudaHostAllocPortable),
+    const size_t bytes = kFaultSlotInts * kMaxRanks * sizeof(int);
+    Check(cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable),
           "cudaHostAlloc(fault record)");
-    std::memset(p, 0, 8 * sizeof(int));
+    std::memset(p, 0, bytes);
     record = static_cast<int*>(p);
   }
   return record;
 }
 
-bool ReadFaultRecord(Fault* out) {
-  const volatile int* r = FaultRecord();
-  if (r[0] != 2) return false;
-  out->kind = r[1];
-  out->op = r[2];
-  out->rank = r[3];
-  out->peer = r[4];
-  out->other_op = r[5];
-  out->seq = static_cast<uint32_t>(r[6]);
-  return true;
+std::vector<Fault> ReadFaultRecords() {
+  std::vector<Fault> causes, told;
+  for (int slot = 0; slot < kMaxRanks; ++slot) {
+    const volatile int* r = FaultRecord() + slot * kFaultSlotInts;
+    if (r[0] != 2) continue;
+    const Fault f{r[1], r[2], r[3], r[4], r[5], static_cast<uint32_t>(r[6])};
+    (f.kind == kFaultPeerAborted ? told : causes).push_back(f);
+  }
+  causes.insert(causes.end(), told.begin(), told.end());
+  return causes;
 }
 
 DeviceBuffer::DeviceBuffer(int device_ordinal, int64_t num_bytes)

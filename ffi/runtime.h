@@ -61,9 +61,13 @@ struct GroupEntry {
   uint32_t buffer_id = 0;
 };
 
-// The process's host-mapped int32[8] {state, kind, op, rank, peer, other_op,
-// seq, 0} that a kernel fills before trapping (state 2 = written; kind is a
-// FaultKind, op an OpCode). Allocated on first use; throws on failure.
+// The process's host-mapped fault record: one int32[8] slot {state, kind, op,
+// rank, peer, other_op, seq, 0} per rank (kMaxRanks slots), which a kernel
+// fills before trapping (state 2 = written; kind is a FaultKind, op an
+// OpCode). One slot per rank, because ranks driven by one process run on
+// different GPUs, and atomics on host memory are not atomic across devices:
+// a shared slot let a rank told of an abort overwrite the rank that caused
+// it. Allocated on first use; throws on failure.
 int* FaultRecord();
 
 struct Fault {
@@ -71,8 +75,9 @@ struct Fault {
   uint32_t seq;
 };
 
-// True (and what happened) when some kernel of this process gave up.
-bool ReadFaultRecord(Fault* out);
+// What the kernels of this process recorded before they gave up, causes first
+// (a rank that gave up on its own before the ranks it told), then by rank.
+std::vector<Fault> ReadFaultRecords();
 
 // Maps every peer into `local`'s device and records the group. Replaces an
 // existing entry with the same key (closing its IPC mappings).
