@@ -1019,7 +1019,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // once, since blocks wait for each other and for peers).
 // Flag batching, overridable for tuning with JAX_EP_FLAG_BATCH="batch,keep".
 void FlagBatching(int* batch, int* keep) {
-  static int b = 8, k = 4;
+  static int b = 12, k = 4;
   static const bool parsed = [] {
     if (const char* v = std::getenv("JAX_EP_FLAG_BATCH")) {
       int vb = 0, vk = 0;
