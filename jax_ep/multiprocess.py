@@ -99,7 +99,7 @@ def _child_main(argv) -> int:
 def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
            timeout_s: float = 600.0, env: dict | None = None,
            mem_fraction: float | None = None, expect_failure: bool = False,
-           gpus: int = 0):
+           gpus: int = 0, grace_s: float | None = None):
   """Run ``target`` in ``num_ranks`` processes; return their results in rank order.
 
   ``gpus=0`` puts every process on GPU 0 (ranks emulated on one GPU);
@@ -108,8 +108,11 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
   XLA's memory preallocation per process is ``mem_fraction`` of the GPU
   (default: shared evenly by the ranks on a GPU, at most 0.4).
 
-  Fails fast: as soon as one process exits non-zero the others are stopped
-  (they would otherwise wait for it until some collective times out). Raises
+  Fails fast: once one process exits non-zero the others get a short grace
+  period to finish on their own (``grace_s``; ranks that fail too then print
+  why, e.g. the rank whose error made the first one stop), and the rest are
+  stopped (they would otherwise wait for it until some collective times out).
+  Raises
   ``RankFailure`` (with every rank's stdout/stderr) when a process fails or the
   run passes ``timeout_s``. With ``expect_failure=True`` it returns the list of
   ``(returncode, stdout, stderr)`` instead of raising.
@@ -134,14 +137,21 @@ def launch(target: str, num_ranks: int, *, kwargs: dict | None = None,
       err = open(os.path.join(logs, f"{rank}.err"), "w+")
       files.append((out, err))
       procs.append(subprocess.Popen(cmd, env=base_env, stdout=out, stderr=err, text=True))
+    if grace_s is None:
+      grace_s = 20.0 if expect_failure else 3.0
     deadline = time.monotonic() + timeout_s
-    timed_out, failed = False, []
+    timed_out, failed, stop_at = False, [], None
     while True:
       codes = [p.poll() for p in procs]
       failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-      if all(c is not None for c in codes) or failed:
+      if all(c is not None for c in codes):
         break
-      if time.monotonic() > deadline:
+      now = time.monotonic()
+      if failed and stop_at is None:
+        stop_at = now + grace_s
+      if stop_at is not None and now > stop_at:
+        break
+      if now > deadline:
         timed_out = True
         break
       time.sleep(0.1)

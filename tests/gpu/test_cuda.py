@@ -106,7 +106,12 @@ def test_timeout_names_op_and_rank(command_buffers):
 
 
 def _messages(outputs):
-  return "\n".join(err for _, _, err in outputs)
+  # stdout holds what the kernels printed (device printf) before trapping,
+  # stderr what Python reported. Both count: with two processes sharing a GPU
+  # without MPS, the process whose kernel trapped first can stay blocked in
+  # XLA's block_until_ready until the launcher stops it, its kernel's message
+  # printed but never reported by Python (seen on two H200s, 2026-11-26).
+  return "\n".join(out + "\n" + err for _, out, err in outputs)
 
 
 @pytest.mark.parametrize("model", ["emulated", "one"])
