@@ -59,6 +59,9 @@ import time
 SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
     "deepep": (4096, 7168, 8, 256),
     "small": (128, 7168, 8, 256),
+    # The low-latency mode on CPU: its [E/R, R*T, H] expert layout at "small"
+    # is 470 MB a rank, which 8 virtual ranks on XLA:CPU do not fit in 24 GB.
+    "tiny": (16, 1024, 8, 64),
 }
 OPS = ("layout", "dispatch", "cached_dispatch", "combine")
 
@@ -140,9 +143,16 @@ def _uses_device_clock(mesh) -> bool:
 
 def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
                  iters=20, reps=7, seed=0, to_global=None, num_sms=None, clock="host",
-                 hlo_dir=None):
+                 hlo_dir=None, mode="normal", dtype="bf16"):
   """Per-op seconds (lists, one entry per timed run) for layout, dispatch,
   cached dispatch and combine on ``mesh``, for the ranks this process holds.
+
+  ``mode="low_latency"``: ``low_latency_dispatch`` (as "dispatch", with
+  ``num_max_dispatch_tokens_per_rank`` = the tokens per rank) and
+  ``low_latency_combine`` (as "combine"). ``dtype="fp8"``: the dispatches
+  move FP8 rows with their scales (normal mode: pairs quantized beforehand,
+  dispatch and cached dispatch only; low-latency mode: ``use_fp8=True``,
+  dispatch only); combine is bf16 in either mode, timed in the bf16 rows.
 
   ``clock="host"`` (default): host time of the program with ``iters`` calls
   less that of the same program without them, divided by ``iters``.
@@ -200,28 +210,56 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
 
   cap = N * R
   x0 = fresh((N, H), 999)
-  inputs = {"layout": [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)],
-            "dispatch": [fresh((N, H), k) for k in range(iters)],
-            "combine": [fresh((cap, H), 1000 + k) for k in range(iters)]}
-  inputs["cached_dispatch"] = inputs["dispatch"]
+  fp8 = dtype == "fp8"
+  per_rank = lambda v: jax.tree_util.tree_map(lambda a: a[0], v)
+  if mode == "low_latency":
+    T = N
+    ops = ("dispatch",) if fp8 else ("dispatch", "combine")
+    # Expert outputs are [E/R, R*T, H] (470 MB a rank at the small shape):
+    # two, alternating, each call still taking its input through the barrier.
+    ys = [fresh((E // R, R * T, H), 1000 + k) for k in range(min(iters, 2))] if not fp8 else []
+    inputs = {"dispatch": [fresh((N, H), k) for k in range(iters)],
+              "combine": [ys[k % len(ys)] for k in range(iters)] if ys else []}
+    needs_handle, needs_layout = ("combine",), ()
 
-  def setup(x, idx):
-    return buf.dispatch(x[0], topk_idx=idx[0], num_experts=E)[4]
+    def setup(x, idx):
+      return buf.low_latency_dispatch(x[0], idx[0], T, E)[2]
 
-  work = {
-      "layout": lambda v, idx, w, h, layout: buf.get_dispatch_layout(v, E),
-      "dispatch": lambda v, idx, w, h, layout: buf.dispatch(
-          v, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout),
-      "cached_dispatch": lambda v, idx, w, h, layout: buf.dispatch(v, handle=h)[0],
-      "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
-  }
+    work = {
+        "dispatch": lambda v, idx, w, h, layout: buf.low_latency_dispatch(
+            v, idx, T, E, use_fp8=fp8)[0],
+        "combine": lambda v, idx, w, h, layout: buf.low_latency_combine(v, idx, w, h),
+    }
+  else:
+    ops = ("dispatch", "cached_dispatch") if fp8 else OPS
+    rows_in = [fresh((N, H), k) for k in range(iters)]
+    if fp8:
+      quantize = shard(lambda v: jax.tree_util.tree_map(lambda a: a[None],
+                                                        jax_ep.quantize_fp8(v[0])))
+      rows_in = [quantize(v) for v in rows_in]
+    inputs = {"layout": [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)],
+              "dispatch": rows_in, "cached_dispatch": rows_in,
+              "combine": [fresh((cap, H), 1000 + k) for k in range(iters)]}
+    needs_handle, needs_layout = ("cached_dispatch", "combine"), ("dispatch",)
+
+    def setup(x, idx):
+      return buf.dispatch(x[0], topk_idx=idx[0], num_experts=E)[4]
+
+    work = {
+        "layout": lambda v, idx, w, h, layout: buf.get_dispatch_layout(v, E),
+        "dispatch": lambda v, idx, w, h, layout: buf.dispatch(
+            v, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout),
+        "cached_dispatch": lambda v, idx, w, h, layout: buf.dispatch(v, handle=h)[0],
+        "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
+    }
 
   def program(op, n):
     # setup -> clock -> n calls, each on its own input -> clock.
     def f(x, idx, w, *vs):
-      h = setup(x, idx) if op in ("cached_dispatch", "combine") else None
-      layout = buf.get_dispatch_layout(idx[0], E) if op == "dispatch" else None
-      ready = jnp.zeros((), jnp.float32) if h is None else h.send_pos[0, 0].astype(jnp.float32)
+      h = setup(x, idx) if op in needs_handle else None
+      layout = buf.get_dispatch_layout(idx[0], E) if op in needs_layout else None
+      ready = (jnp.zeros((), jnp.float32) if h is None else
+               jax.tree_util.tree_leaves(h)[0].reshape(-1)[0].astype(jnp.float32))
       if layout is not None:
         ready = ready + layout.num_tokens_per_rank[0].astype(jnp.float32)
       t0 = stamp(ready) if device_clock else ready
@@ -230,7 +268,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       probes, prev = [t0], t0
       for v in vs[:n]:
         prev, v = keep((prev, v))
-        prev = probe(work[op](v[0], idx[0], w[0], h, layout))
+        prev = probe(work[op](per_rank(v), idx[0], w[0], h, layout))
         probes.append(prev)
       total = jnp.stack(probes).sum()
       if not device_clock:
@@ -244,7 +282,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     return time.perf_counter() - t
 
   res = {}
-  for op in OPS:
+  for op in ops:
     fn, base = program(op, iters), program(op, 0)
     call = lambda: fn(x0, *args, *inputs[op])
     call_base = lambda: base(x0, *args, *inputs[op])
@@ -264,14 +302,25 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       times.append(seconds / iters)  # a difference: can be < 0 for ops lost in the noise
     res[op] = times
   masks = [ept.reference_layout(i, E, R)[2] for i in idxs]
-  res["crossing_bytes"] = crossing_bytes_per_rank(masks, H * 2)
-  res["received_bytes"] = received_bytes_per_rank(masks, H * 2)
+  row_bytes = {"bf16": 2 * H, "fp8": H + H // 32}  # FP8: a byte per value, f32 per 128
+  moved = row_bytes[dtype]
+  if mode == "low_latency":  # DeepEP's LL count: one row per valid (token, k)
+    rows = sum(int(((i >= 0) & (i < E)).sum()) for i in idxs) / R
+    res["op_bytes"] = {"dispatch": rows * moved, "combine": rows * row_bytes["bf16"]}
+    res["op_crossing_bytes"] = {}
+    res["op_local_bytes"] = {op: 2 * b for op, b in res["op_bytes"].items()}
+  else:
+    received = received_bytes_per_rank(masks, 1)
+    crossing = crossing_bytes_per_rank(masks, 1)
+    per_op = {"dispatch": moved, "cached_dispatch": moved, "combine": row_bytes["bf16"]}
+    res["op_bytes"] = {op: received * b for op, b in per_op.items()}
+    res["op_crossing_bytes"] = {op: crossing * b for op, b in per_op.items()}
+    # HBM traffic when every token stays here (R = 1): the local path reads
+    # each row once and writes it once (the xla backend's gather too).
+    res["op_local_bytes"] = {op: 2 * N * b for op, b in per_op.items()}
   if isinstance(axis, tuple):  # what crosses the node axis, once per destination node
-    res["node_hop_bytes"] = node_hop_bytes_per_rank(
-        [ept.reference_layout(i, E, R)[2] for i in idxs], mesh.shape[axis[1]], H * 2)
-  # HBM traffic when every token stays here (R = 1): the cuda backend's local
-  # path reads each row once and writes it once (the xla backend's gather too).
-  res["local_bytes"] = 2 * N * H * 2 if R == 1 else None
+    res["node_hop_bytes"] = node_hop_bytes_per_rank(masks, mesh.shape[axis[1]], H * 2)
+    res["crossing_bytes"] = crossing_bytes_per_rank(masks, H * 2)
   res["clock"] = "device" if device_clock else "host"
   res["num_sms"] = getattr(buf._backend, "num_sms", None)  # the value in effect
   buf.destroy()
@@ -287,62 +336,72 @@ def _attempt(mesh, backend, shape, **kwargs):
     return {"error": f"{type(e).__name__}: {first[:300]}"}
 
 
-def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list):
+def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list,
+               mode="normal", dtypes=("bf16",)):
   """One process of a multi-process benchmark: every backend on the global mesh."""
   import jax
   from jax_ep import testing as ept
   mesh = ept._global_mesh()
   out = {"device_kind": jax.devices()[0].device_kind, "num_ranks": mesh.size, "runs": []}
   for s in shapes:
-    for b, num_sms in _configs(backends, num_sms_list):
+    for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
       res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=ept._to_global,
-                     num_sms=num_sms)
-      out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "res": res})
+                     num_sms=num_sms, mode=mode, dtype=dtype)
+      out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "dtype": dtype,
+                          "res": res})
   return out
 
 
-def _configs(backends, num_sms_list):
+def _configs(backends, num_sms_list, dtypes):
   for b in backends:
     for n in (num_sms_list if b == "cuda" else [None]):
-      yield b, n
+      for dtype in dtypes:
+        yield b, n, dtype
 
 
-def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandwidth=True):
+_US_KEYS = {"layout": "layout", "dispatch": "dispatch", "cached_dispatch": "cached",
+            "combine": "combine"}
+
+
+def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandwidth=True,
+         mode="normal", dtype="bf16"):
   """One results.json row from per-op lists of per-run seconds (already merged).
+  Ops a row does not time (e.g. combine in an FP8 row) are None.
 
   ``bandwidth=False`` (CPU) leaves the GB/s fields None: they measure links and
   HBM, which virtual CPU devices do not have."""
   import numpy as np
+  row = {"backend": backend, "mode": mode, "dtype": dtype, "ranks": ranks,
+         "processes": processes, "shape": shape, "num_sms": num_sms}
+  for key in _US_KEYS.values():
+    row.update({f"{key}_us": None, f"{key}_gbps": None} if key != "layout" else
+               {"layout_us": None})
   if "error" in res:
-    row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
-           "num_sms": num_sms, "note": res["error"]}
-    for key in ("layout_us", "dispatch_us", "cached_us", "combine_us", "dispatch_gbps",
-                "cached_gbps", "combine_gbps"):
-      row[key] = None
+    row["note"] = res["error"]
     return row
-  med = {op: max(float(np.median(times[op])), 0.0) for op in OPS}
-  row = {"backend": backend, "ranks": ranks, "processes": processes, "shape": shape,
-         "num_sms": res.get("num_sms", num_sms), "clock": res["clock"]}
+  med = {op: max(float(np.median(times[op])), 0.0) for op in OPS if op in times}
+  row.update(num_sms=res.get("num_sms", num_sms), clock=res["clock"])
   if "node_hop_bytes" in res:  # two-axis mesh: MB per rank across the node axis
     row["node_hop_mb"] = round(res["node_hop_bytes"] / 1e6, 2)
     row["flat_crossing_mb"] = round(res["crossing_bytes"] / 1e6, 2)
-  for op in OPS:
-    row[f"{'cached' if op == 'cached_dispatch' else op}_us"] = round(med[op] * 1e6, 2)
+  for op, t in med.items():
+    row[f"{_US_KEYS[op]}_us"] = round(t * 1e6, 2)
   if not bandwidth:
-    row.update(gbps_of=None, dispatch_gbps=None, cached_gbps=None, combine_gbps=None)
+    row["gbps_of"] = None
     return row
   if ranks > 1:
-    gb = res["received_bytes"] / 1e9
-    row["gbps_of"] = "received"
-    cross = res["crossing_bytes"] / 1e9
-    for op, key in (("dispatch", "dispatch"), ("cached_dispatch", "cached"), ("combine", "combine")):
-      row[f"{key}_crossing_gbps"] = round(cross / med[op], 1) if med[op] > 0 else None
+    row["gbps_of"] = "received" if mode == "normal" else "(token, k) rows"
+    num_bytes = res["op_bytes"]
+    for op, b in res["op_crossing_bytes"].items():
+      if med.get(op):
+        row[f"{_US_KEYS[op]}_crossing_gbps"] = round(b / 1e9 / med[op], 1)
   else:
-    gb = res["local_bytes"] / 1e9
     row["gbps_of"] = "hbm"
+    num_bytes = res["op_local_bytes"]
     row["copy_gbps"] = round(copy_gbps, 1) if copy_gbps else None
-  for op, key in (("dispatch", "dispatch"), ("cached_dispatch", "cached"), ("combine", "combine")):
-    row[f"{key}_gbps"] = round(gb / med[op], 1) if med[op] > 0 else None
+  for op, b in num_bytes.items():
+    if med.get(op):
+      row[f"{_US_KEYS[op]}_gbps"] = round(b / 1e9 / med[op], 1)
   return row
 
 
@@ -352,7 +411,8 @@ def _merge(runs):
   failed = [r for r in runs if "error" in r]
   if failed:
     return failed[0]
-  return {op: list(np.max(np.array([r[op] for r in runs]), axis=0)) for op in OPS}
+  return {op: list(np.max(np.array([r[op] for r in runs]), axis=0))
+          for op in OPS if op in runs[0]}
 
 
 def main(argv=None) -> int:
@@ -377,6 +437,12 @@ def main(argv=None) -> int:
   ap.add_argument("--mesh", default="",
                   help="NODExLOCAL (e.g. 2x4): a two-axis Buffer over ('node', 'local') "
                        "on this process's first NODE*LOCAL devices (xla hops)")
+  ap.add_argument("--mode", choices=("normal", "low_latency"), default="normal",
+                  help="low_latency: time low_latency_dispatch / low_latency_combine "
+                       "(default shapes: small)")
+  ap.add_argument("--dtypes", default="bf16",
+                  help="comma list of bf16,fp8: fp8 rows time the dispatches on FP8 rows "
+                       "with their scales (combine stays bf16)")
   ap.add_argument("--clock", choices=("host", "device"), default="host",
                   help="host (default): host time with the calls less host time without "
                        "them; device: the device clock around the calls (our kernels only: "
@@ -387,6 +453,9 @@ def main(argv=None) -> int:
                        "(jax_ep.bench_moe)")
   args = ap.parse_args(argv)
   num_sms_list = [int(v) for v in args.num_sms.split(",") if v] or [None]
+  dtypes = [d for d in args.dtypes.split(",") if d]
+  if not dtypes or any(d not in ("bf16", "fp8") for d in dtypes):
+    ap.error(f"--dtypes takes bf16 and/or fp8, got {args.dtypes!r}")
   from jax_ep import _ext
   _ext.ensure_host_devices()  # the main job's 8 virtual ranks when there is no GPU
   if args.moe:
@@ -411,11 +480,13 @@ def main(argv=None) -> int:
     shapes, iters, reps = _defaults(args, on_gpu=True)
     res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=580, gpus=args.gpus,
                  kwargs=dict(shapes=shapes, backends=backends, iters=iters,
-                             reps=reps, num_sms_list=num_sms_list))
+                             reps=reps, num_sms_list=num_sms_list, mode=args.mode,
+                             dtypes=dtypes))
     for k, run in enumerate(res[0]["runs"]):
       times = _merge([r["runs"][k]["res"] for r in res])
       rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
-                       times, times if "error" in times else run["res"], None))
+                       times, times if "error" in times else run["res"], None,
+                       mode=args.mode, dtype=run["dtype"]))
     gpus_used = min(args.gpus, args.ranks) if args.gpus else 1
     device = f"{gpus_used} x {res[0]['device_kind']}"
     on_gpu = True
@@ -426,7 +497,8 @@ def main(argv=None) -> int:
     ragged = {}
     if "ragged" in backends and num_gpus > 0 and os.environ.get("JAX_PLATFORMS") != "cpu":
       shapes, iters, reps = _defaults(args, on_gpu=True)
-      ragged = {s: _ragged_in_child(s, iters, reps) for s in shapes}
+      ragged = {(s, dt): _ragged_in_child(s, iters, reps, args.mode, dt)
+                for s in shapes for dt in dtypes}
     import numpy as np
     import jax
     from jax.sharding import Mesh
@@ -444,15 +516,16 @@ def main(argv=None) -> int:
       backends.remove("cuda")
     copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
     for s in shapes:
-      for b, num_sms in _configs(backends, num_sms_list):
-        if b == "ragged" and s in ragged:
-          res = ragged[s]
+      for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
+        if b == "ragged" and (s, dtype) in ragged:
+          res = ragged[(s, dtype)]
         else:
           res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms,
-                         clock=args.clock, hlo_dir=args.hlo or None)
+                         clock=args.clock, hlo_dir=args.hlo or None, mode=args.mode,
+                         dtype=dtype)
         rows.append(_row(b, len(devices), f"one, mesh {args.mesh}" if args.mesh else "one",
-                         s, num_sms, res, res, copy_gbps,
-                         bandwidth=on_gpu))
+                         s, num_sms, res, res, copy_gbps, bandwidth=on_gpu,
+                         mode=args.mode, dtype=dtype))
         print(_table([rows[-1]], _columns(on_gpu), header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"
 
@@ -486,22 +559,22 @@ def _moe_main(args) -> int:
   return 0
 
 
-def _ragged_in_child(shape, iters, reps, timeout_s=300):
+def _ragged_in_child(shape, iters, reps, mode="normal", dtype="bf16", timeout_s=300):
   """The ragged backend timed in a child process driving every GPU, with a time limit."""
   from jax_ep.multiprocess import RankFailure, launch
   env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
   try:
     out = launch("jax_ep.bench:rank_bench", 1, gpus=-1, env=env, timeout_s=timeout_s,
                  kwargs=dict(shapes=[shape], backends=["ragged"], iters=iters, reps=reps,
-                             num_sms_list=[None]))
+                             num_sms_list=[None], mode=mode, dtypes=[dtype]))
   except RankFailure as e:
     why = "timed out" if "timed out" in str(e).splitlines()[0] else "failed"
     return {"error": f"the child process {why} (limit {timeout_s} s)"}
   return out[0]["runs"][0]["res"]
 
 
-COLUMNS = ("backend", "num_sms", "ranks", "processes", "shape", "layout_us", "dispatch_us",
-           "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
+COLUMNS = ("backend", "mode", "dtype", "num_sms", "ranks", "processes", "shape", "layout_us",
+           "dispatch_us", "cached_us", "combine_us", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
            "dispatch_crossing_gbps", "combine_crossing_gbps", "note")
 BANDWIDTH_COLUMNS = ("num_sms", "dispatch_gbps", "cached_gbps", "combine_gbps", "gbps_of",
                      "dispatch_crossing_gbps", "combine_crossing_gbps")
@@ -509,7 +582,10 @@ BANDWIDTH_COLUMNS = ("num_sms", "dispatch_gbps", "cached_gbps", "combine_gbps", 
 
 def _defaults(args, on_gpu: bool):
   """(shapes, iters, reps): the flags, else defaults that keep a CPU run short."""
-  shapes = (args.shapes or ("deepep,small" if on_gpu else "small")).split(",")
+  low_latency = getattr(args, "mode", "normal") == "low_latency"  # a decode-size op
+  default = ("small" if low_latency else "deepep,small") if on_gpu else (
+      "tiny" if low_latency else "small")
+  shapes = (args.shapes or default).split(",")
   iters = args.iters or (20 if on_gpu else 5)
   reps = args.reps or (7 if on_gpu else 3)
   return shapes, iters, reps
@@ -537,7 +613,9 @@ def _plot(rows, device, path):
     print("matplotlib missing: no plot")
     return
   labels = [f"{r['backend']}{'' if r['num_sms'] is None else ' ' + str(r['num_sms']) + 'SM'}"
-            f"\nR{r['ranks']} {r['processes']}\n{r['shape']}" for r in rows]
+            f"\nR{r['ranks']} {r['processes']}\n{r['shape']}"
+            + ("" if r.get("mode", "normal") == "normal" else " LL")
+            + ("" if r.get("dtype", "bf16") == "bf16" else " " + r["dtype"]) for r in rows]
   fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
   xs = range(len(rows))
   ax.bar([x - 0.2 for x in xs], [r["dispatch_us"] or 0 for r in rows], 0.4, label="dispatch")

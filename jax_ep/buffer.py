@@ -159,7 +159,7 @@ class Buffer:
     Args:
       x: ``[N, H]`` bfloat16 or float32 tokens of this rank, or the FP8 pair
         ``(x_fp8 [N, H] float8_e4m3fn, scales [N, H // 128] float32)`` (see
-        ``jax_ep.quantize_fp8``; xla and ragged backends), which comes back as
+        ``jax_ep.quantize_fp8``; every backend), which comes back as
         ``recv_x = (recv_fp8 [M, H], recv_scales [M, H // 128])``, rows moved
         bit for bit, padding rows zero bytes with zero scales. FP8 dispatch is
         not differentiable.
@@ -197,8 +197,6 @@ class Buffer:
     if fp8_rows:
       from jax_ep import _ll_ops, fp8
       x = fp8.check_fp8_pair(x, op)
-      if self.backend not in ("xla", "ragged"):
-        raise self._unsupported(op, "FP8 dispatch")
       N = x[0].shape[0]
     else:
       x = _ops.check_x(x, op)

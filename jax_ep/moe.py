@@ -396,8 +396,6 @@ def _dispatch_fp8(buf, x, topk_idx, topk_weights, num_experts, num_worst_tokens)
   op = "moe"
   _ops.check_axis(buf.axis_name, buf.num_ranks, op)
   fp8.check_hidden(x.shape[1], op)
-  if buf.backend not in ("xla", "ragged"):
-    raise buf._unsupported(op, "FP8 dispatch")
   capacity = _ops.check_num_worst_tokens(num_worst_tokens, x.shape[0], buf.num_ranks, op)
   return _ll_ops.dispatch_dequantized(buf._backend, x, topk_idx, topk_weights,
                                       num_experts, capacity)

@@ -528,6 +528,65 @@ def check_op_mismatch(process, num_processes, *, hidden=64, timeout_s=30.0):
   return _run_failing(fn, (_to_global(mesh, xs), _to_global(mesh, idxs)))
 
 
+def check_fp8_dispatch(process, num_processes, *, seed=0, num_tokens=24, hidden=256,
+                       num_topk=3, num_experts=16, num_worst_tokens=None, backend="cuda",
+                       num_sms=8):
+  """FP8 normal dispatch and cached dispatch of the ranks this process holds
+  against NumPy: FP8 bytes and scales moved bit for bit (padding rows zero
+  bytes and zero scales), ids, weights and counts as for any dispatch.
+
+  The reference moves the FP8 bytes as float32 values of the uint8 bytes.
+  Returns a summary with ``dropped``, whether the capacity dropped a row.
+  """
+  import jax_ep
+  from jax import lax
+  mesh = _global_mesh()
+  R, N, H, K, E = mesh.size, num_tokens, hidden, num_topk, num_experts
+  nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16, num_worst_tokens)
+            if backend == "cuda" else None)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
+  rng = np.random.default_rng(seed)
+  xs = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  x2s = [(rng.standard_normal((N, H)) * 300).astype(np.float32) for _ in range(R)]
+  idxs = [random_routing(rng, N, K, E) for _ in range(R)]
+  ws = [(rng.random((N, K)) + 0.1).astype(np.float32) for _ in range(R)]
+  quant = [jax.jit(jax_ep.quantize_fp8)(jnp.asarray(x)) for x in xs + x2s]
+  qs = [np.asarray(q).view(np.uint8) for q, _ in quant]
+  ss = [np.asarray(s_) for _, s_ in quant]
+  u8 = lambda a: lax.bitcast_convert_type(a, jnp.uint8)
+
+  def per_rank(x, idx, w, x2):
+    x, idx, w, x2 = x[0], idx[0], w[0], x2[0]
+    (q, sc), recv_idx, recv_w, counts, h = buf.dispatch(
+        jax_ep.quantize_fp8(x), topk_idx=idx, topk_weights=w, num_experts=E,
+        num_worst_tokens=num_worst_tokens)
+    (q2, sc2), _, recv_w2, _, _ = buf.dispatch(jax_ep.quantize_fp8(x2), handle=h,
+                                                topk_weights=w)
+    res = (u8(q), sc, recv_idx, recv_w, counts, u8(q2), sc2, recv_w2)
+    return tuple(r[None] for r in res)
+
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  outs = [_local_ranks(o) for o in fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, x2s)])]
+  as_f32 = lambda arrays: [a.astype(np.float32) for a in arrays]
+  ref = reference_dispatch(as_f32(qs[:R]), idxs, ws, E, num_worst_tokens)
+  ref_s = reference_dispatch(ss[:R], idxs, ws, E, num_worst_tokens)
+  ref2 = reference_dispatch(as_f32(qs[R:]), idxs, ws, E, num_worst_tokens)
+  ref2_s = reference_dispatch(ss[R:], idxs, ws, E, num_worst_tokens)
+  for rank in outs[0]:
+    q, sc, recv_idx, recv_w, counts, q2, sc2, recv_w2 = [o[rank] for o in outs]
+    where = f"rank {rank}/{R}"
+    np.testing.assert_array_equal(q, ref[rank]["recv_x"], where)  # padding: zero bytes
+    np.testing.assert_array_equal(sc, ref_s[rank]["recv_x"], where)  # padding: 0.0
+    np.testing.assert_array_equal(recv_idx, ref[rank]["recv_topk_idx"], where)
+    np.testing.assert_array_equal(recv_w, ref[rank]["recv_topk_weights"], where)
+    np.testing.assert_array_equal(counts, ref[rank]["num_recv_tokens_per_expert"], where)
+    np.testing.assert_array_equal(q2, ref2[rank]["recv_x"], where)
+    np.testing.assert_array_equal(sc2, ref2_s[rank]["recv_x"], where)
+  buf.destroy()
+  return {"ranks": sorted(outs[0]), "num_ranks": R,
+          "dropped": any(len(r["recv_src"]) < r["num_recv_tokens"] for r in ref)}
+
+
 def check_stale_layout(process, num_processes, *, hidden=64, timeout_s=30.0):
   """Rank 0 passes a layout made for other routing: dispatch must refuse it."""
   import jax_ep

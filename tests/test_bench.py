@@ -78,3 +78,28 @@ def test_byte_counts_deepep_received_and_crossing():
   assert bench.received_bytes_per_rank(masks, 10) == (4 + 3) / 2 * 10
   # Crossing: rank 0 sends 2 rows to rank 1, rank 1 sends 2 rows to rank 0.
   assert bench.crossing_bytes_per_rank(masks, 10) == (2 + 2) / 2 * 10
+
+
+def test_bench_low_latency_and_fp8_rows():
+  # Issue 10: the same rows and fields for the low-latency mode and FP8 rows.
+  mesh = ept.make_mesh(4)
+  N, H, K, E = 8, 256, 2, 8
+  for mode, dtype, timed in [("normal", "fp8", ("dispatch", "cached_dispatch")),
+                             ("low_latency", "bf16", ("dispatch", "combine")),
+                             ("low_latency", "fp8", ("dispatch",))]:
+    res = bench.time_backend(mesh, "xla", N, H, K, E, iters=2, reps=1, mode=mode, dtype=dtype)
+    assert set(timed) == set(res) & set(bench.OPS), (mode, dtype, res.keys())
+    row = bench._row("xla", 4, "one", "tiny", None, res, res, None, mode=mode, dtype=dtype)
+    assert (row["mode"], row["dtype"]) == (mode, dtype)
+    for op, key in bench._US_KEYS.items():
+      assert (row[f"{key}_us"] is not None) == (op in timed), (mode, dtype, key, row)
+    # Bytes: FP8 rows carry H + H/32 bytes, bf16 rows 2H; the low-latency
+    # count is one row per valid (token, k) (no -1 ids here: N * K a rank).
+    fp8_row, bf16_row = H + H // 32, 2 * H
+    moved = fp8_row if dtype == "fp8" else bf16_row
+    if mode == "low_latency":
+      assert res["op_bytes"]["dispatch"] == N * K * moved
+      assert res["op_bytes"]["combine"] == N * K * bf16_row
+    else:
+      ratio = res["op_bytes"]["dispatch"] / res["op_bytes"]["combine"]
+      assert ratio == fp8_row / bf16_row

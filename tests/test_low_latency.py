@@ -333,47 +333,32 @@ def test_low_latency_trace_time_errors():
   fake_cuda.backend = "cuda"  # the check keys on the backend's name
   with pytest.raises(NotImplementedError, match="'cuda' backend.*backend='xla'"):
     run(lambda b, x, i: b.low_latency_dispatch(x, i, 8, E)[0], b=fake_cuda)
-  with pytest.raises(NotImplementedError, match="FP8 dispatch"):
-    run(lambda b, x, i: b.dispatch(jax_ep.quantize_fp8(x), topk_idx=i, num_experts=E)[0][0],
-        b=fake_cuda)
   with pytest.raises(NotImplementedError, match="not differentiable"):
     run(lambda b, x, i: jax.grad(lambda x: b.low_latency_dispatch(
         x, i, 8, E, use_fp8=True)[0][1].sum())(x.astype(jnp.float32)))
 
 
 def test_fp8_normal_dispatch_moves_rows_bit_exactly(backend):
-  R, N, H, K, E, M = 4, 12, 256, 3, 8, 20   # M < N*R: capacity drops too
-  rng = np.random.default_rng(17)
-  mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend=backend)
-  xs, idxs, ws = _case(rng, R, N, H, K, E, jnp.float32)
-  x2s = [rng.standard_normal((N, H)).astype(F32) for _ in range(R)]
-  quant = [jax.jit(jax_ep.quantize_fp8)(jnp.asarray(x)) for x in xs + x2s]
-  qs = [np.asarray(q).view(np.uint8) for q, _ in quant]
-  ss = [np.asarray(s) for _, s in quant]
+  # The main job's 8 virtual ranks; a capacity below N * R drops rows too.
+  res = ept.check_fp8_dispatch(0, 1, backend=backend, num_tokens=12, num_worst_tokens=20)
+  assert res["num_ranks"] == 8 and res["ranks"] == list(range(8))
+  assert res["dropped"], "no drops tested"
 
-  def f(x, idx, w, x2):
-    (q, s), recv_idx, recv_w, counts, h = buf.dispatch(
-        jax_ep.quantize_fp8(x), topk_idx=idx, topk_weights=w, num_experts=E,
-        num_worst_tokens=M)
-    (q2, s2), _, recv_w2, _, _ = buf.dispatch(jax_ep.quantize_fp8(x2), handle=h,
-                                               topk_weights=w)
-    u8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint8)
-    return u8(q), s, recv_idx, recv_w, counts, u8(q2), s2
 
-  got = ept.run_per_rank(f, mesh, xs, idxs, ws, x2s)
-  # The NumPy model moves the bytes (as float32 values of the uint8 bytes).
-  ref = ept.reference_dispatch([q.astype(F32) for q in qs[:R]], idxs, ws, E, M)
-  ref_s = ept.reference_dispatch(ss[:R], idxs, ws, E, M)
-  ref2 = ept.reference_dispatch([q.astype(F32) for q in qs[R:]], idxs, ws, E, M)
-  ref2_s = ept.reference_dispatch(ss[R:], idxs, ws, E, M)
-  for r in range(R):
-    q, s, recv_idx, recv_w, counts, q2, s2 = got[r]
-    np.testing.assert_array_equal(q, ref[r]["recv_x"])  # padding: zero bytes
-    np.testing.assert_array_equal(s, ref_s[r]["recv_x"])  # padding: 0.0, finite
-    np.testing.assert_array_equal(recv_idx, ref[r]["recv_topk_idx"])
-    np.testing.assert_array_equal(recv_w, ref[r]["recv_topk_weights"])
-    np.testing.assert_array_equal(counts, ref[r]["num_recv_tokens_per_expert"])
-    np.testing.assert_array_equal(q2, ref2[r]["recv_x"])
-    np.testing.assert_array_equal(s2, ref2_s[r]["recv_x"])
-  assert any(len(r["recv_src"]) < r["num_recv_tokens"] for r in ref), "no drops tested"
+def test_byte_rows_cross_the_cuda_kernels_as_bfloat16_bit_for_bit():
+  # The cuda backend moves FP8 dispatch's packed byte rows as bfloat16 rows
+  # (its kernels copy, never compute): every byte value must come back, NaN
+  # bit patterns included, at widths that need padding to 16 bytes and not.
+  from jax_ep.backends.cuda import byte_rows_as_bf16
+  rng = np.random.default_rng(5)
+  for width in (264, 7392, 17):
+    rows = rng.integers(0, 256, (9, width), dtype=np.uint8)
+    rows[0] = np.arange(width) % 256  # every byte value (in the wider rows)
+    rows[1] = 0xFF  # all ones: bfloat16 NaNs
+    view, restore = byte_rows_as_bf16(jnp.asarray(rows))
+    assert view.dtype == jnp.bfloat16
+    assert (2 * view.shape[1]) % 16 == 0 and 0 <= 2 * view.shape[1] - width < 16
+    np.testing.assert_array_equal(np.asarray(jax.jit(restore)(view)), rows)
+    as_bytes = np.asarray(jax.lax.bitcast_convert_type(view, jnp.uint8)).reshape(9, -1)
+    np.testing.assert_array_equal(as_bytes[:, :width], rows)
+    assert not as_bytes[:, width:].any()  # the padding is zeros

@@ -9,7 +9,8 @@
 #   tests      the rest of the GPU suite in every process model the machine
 #              allows (emulated ranks under MPS; one process and one process
 #              per GPU when two or more GPUs are visible)
-#   bench      python -m jax_ep.bench --out $OUT (one process, every GPU)
+#   bench      python -m jax_ep.bench --dtypes bf16,fp8 --out $OUT (one process, every GPU)
+#   bench-ll   the low-latency mode, bf16 and FP8 (--mode low_latency), into $OUT/ll
 #   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
 #   sanitizer  compute-sanitizer memcheck of the main job over every GPU (0 errors)
 #   kernels    per-kernel device times at R = 1 (ncu)
@@ -117,7 +118,13 @@ print('one process:', s['routings'], 'routings, R =', sorted({c['R'] for c in s[
 fi
 if has bench; then
   echo "=== bench (one process, every GPU)"
-  JAX_PLATFORMS=cuda timeout 560 $PY -m jax_ep.bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -16
+  JAX_PLATFORMS=cuda timeout 560 $PY -m jax_ep.bench --dtypes bf16,fp8 --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -16
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench-ll; then
+  echo "=== bench, low-latency mode (one process, every GPU)"
+  JAX_PLATFORMS=cuda timeout 560 $PY -m jax_ep.bench --mode low_latency --dtypes bf16,fp8 \
+    --out "$OUT/ll" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_ll.log" | tail -10
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if has bench-pergpu && [ "$NGPU" -gt 1 ]; then

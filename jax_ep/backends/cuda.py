@@ -106,6 +106,29 @@ def _kv_client():
   return distributed.global_state.client
 
 
+def byte_rows_as_bf16(rows):
+  """``[N, W]`` uint8 rows as ``[N, W'/2]`` bfloat16 rows (W' = W rounded up to
+  16 bytes, zero-padded), and the function that turns received rows back.
+
+  FP8 dispatch packs each row's FP8 bytes and scales into one byte row. Our
+  kernels only copy rows (no arithmetic on dispatched data), so they move any
+  16-byte-aligned row of bfloat16 bit for bit, NaN patterns included; padding
+  rows come back as zero bytes. (The portable backends keep uint8 rows: XLA may
+  convert bfloat16 through float32 on the way, which need not keep NaN bits.)
+  """
+  n, w = rows.shape
+  wp = -(-w // 16) * 16
+  if wp != w:
+    rows = jnp.pad(rows, ((0, 0), (0, wp - w)))
+  view = lax.bitcast_convert_type(rows.reshape(n, wp // 2, 2), jnp.bfloat16)
+
+  def restore(received):
+    back = lax.bitcast_convert_type(received, jnp.uint8)  # [M, W'/2, 2]
+    return back.reshape(received.shape[0], wp)[:, :w]
+
+  return view, restore
+
+
 class CudaBackend:
   name = "cuda"
 
@@ -260,6 +283,11 @@ class CudaBackend:
         num_ranks=np.int64(R)))
 
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
+    if x.dtype == jnp.uint8:  # FP8 rows packed as bytes (jax_ep.fp8.pack_rows)
+      view, restore = byte_rows_as_bf16(x)
+      recv, *rest = self.dispatch(view, topk_idx, topk_weights, layout, num_experts,
+                                  num_worst_tokens)
+      return (restore(recv), *rest)
     (N, H), K, R, M = x.shape, topk_idx.shape[1], self.num_ranks, num_worst_tokens
     self._check_shape("dispatch", N, M, H, K, x.dtype)
     weights = _or_empty(topk_weights, K)
@@ -289,6 +317,10 @@ class CudaBackend:
             handle)
 
   def cached_dispatch(self, x, weights, handle):
+    if x.dtype == jnp.uint8:
+      view, restore = byte_rows_as_bf16(x)
+      recv, recv_w = self.cached_dispatch(view, weights, handle)
+      return restore(recv), recv_w
     (N, H), M = x.shape, handle.capacity
     K = weights.shape[1] if weights is not None else 1
     self._check_shape("dispatch", N, M, H, K, x.dtype)

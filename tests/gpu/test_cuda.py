@@ -95,6 +95,14 @@ def test_command_buffers_capture_and_match(model):
   assert res[0]["captured_in_command_buffer"], res
 
 
+@pytest.mark.parametrize("model,num_ranks,hidden", [("emulated", 2, 256), ("one", 2, 7168),
+                                                   ("per-gpu", 2, 256), ("per-gpu", 4, 7168)])
+def test_fp8_dispatch_moves_bytes_exactly(model, num_ranks, hidden):
+  # Packed FP8 rows ride the bf16 kernels (264-byte rows padded to 272; 7392 not).
+  res = run("jax_ep.testing:check_fp8_dispatch", model, num_ranks, hidden=hidden)
+  assert ranks_checked(res) == list(range(num_ranks))
+
+
 @pytest.mark.parametrize("command_buffers", [False, True])
 def test_timeout_names_op_and_rank(command_buffers):
   outputs = run("jax_ep.testing:check_timeout", "emulated", 2, expect_failure=True,
