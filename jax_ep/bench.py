@@ -419,8 +419,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m jax_ep.bench", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--shapes", default=None,
-                  help=f"comma list of {','.join(SHAPES)} (default: both on GPUs, "
-                       "small on CPU)")
+                  help=f"comma list of {','.join(SHAPES)} (default: deepep,small on GPUs, "
+                       "small on CPU; see --mode)")
   ap.add_argument("--backends", default="all", help="comma list of xla,cuda,ragged or all")
   ap.add_argument("--ranks", type=int, default=0,
                   help="N > 0: N processes as N ranks; 0: this process, all local devices")
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
                        "on this process's first NODE*LOCAL devices (xla hops)")
   ap.add_argument("--mode", choices=("normal", "low_latency"), default="normal",
                   help="low_latency: time low_latency_dispatch / low_latency_combine "
-                       "(default shapes: small)")
+                       "(default shape: small on GPUs, tiny on CPU)")
   ap.add_argument("--dtypes", default="bf16",
                   help="comma list of bf16,fp8: fp8 rows time the dispatches on FP8 rows "
                        "with their scales (combine stays bf16)")
