@@ -103,3 +103,16 @@ def test_bench_low_latency_and_fp8_rows():
     else:
       ratio = res["op_bytes"]["dispatch"] / res["op_bytes"]["combine"]
       assert ratio == fp8_row / bf16_row
+
+
+def test_rank_bench_carries_mode_and_dtype_to_the_rows():
+  # The --ranks path: each process's runs name their dtype; the merged rows keep them.
+  out = bench.rank_bench(0, 1, ["tiny"], ["xla"], 1, 1, [None], mode="low_latency",
+                         dtypes=["bf16", "fp8"])
+  assert [r["dtype"] for r in out["runs"]] == ["bf16", "fp8"]
+  rows = [bench._row(r["backend"], out["num_ranks"], "emulated", r["shape"], r["num_sms"],
+                     bench._merge([r["res"]]), r["res"], None, mode="low_latency",
+                     dtype=r["dtype"]) for r in out["runs"]]
+  assert [(r["mode"], r["dtype"]) for r in rows] == [("low_latency", "bf16"),
+                                                     ("low_latency", "fp8")]
+  assert rows[0]["combine_us"] is not None and rows[1]["combine_us"] is None
