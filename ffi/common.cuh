@@ -316,6 +316,12 @@ struct VecTraits<float> {
     return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]),
                      __float_as_int(acc[2]), __float_as_int(acc[3]));
   }
+  __device__ __forceinline__ static void ToFloats(const int4& v, float* out) {
+    out[0] = __int_as_float(v.x);
+    out[1] = __int_as_float(v.y);
+    out[2] = __int_as_float(v.z);
+    out[3] = __int_as_float(v.w);
+  }
 };
 
 template <>
@@ -331,6 +337,15 @@ struct VecTraits<__nv_bfloat16> {
     AddWord(static_cast<uint32_t>(v.y), acc + 2);
     AddWord(static_cast<uint32_t>(v.z), acc + 4);
     AddWord(static_cast<uint32_t>(v.w), acc + 6);
+  }
+  __device__ __forceinline__ static void ToFloats(const int4& v, float* out) {
+    const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                           static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[2 * j] = __uint_as_float(w[j] << 16);
+      out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
   }
   __device__ __forceinline__ static int PackWord(float a, float b) {
     const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);

@@ -50,6 +50,19 @@ static_assert(kFirstDrainWarp + kCopyWarps == kWarps, "warp roles");
 // with the SM count: the reduce, not the link, set the pace.)
 constexpr int kReduceWarps = kWarps - kPushWarps;
 constexpr int kReduceUnroll = 8;
+// Three or more copies (R >= 3) are added in a balanced tree over the ranks
+// (absent ones zero), the order of jax_ep.backends.xla.pairwise_sum: the
+// backends then agree bit for bit, and a two-axis Buffer's per-node sums are
+// subtrees of it (issue 13). kTreeUnroll loads per rank in flight per lane.
+constexpr int kTreeUnroll = 2;
+static_assert(kMaxRanks == 8, "the reduce's tree has 8 leaves");
+
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): pairwise_sum's order,
+// the tree over 8 leaves (zero-padded past R) adding what the padded tree
+// over R leaves adds.
+__device__ __forceinline__ float TreeSum8(const float (&v)[kMaxRanks]) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
 constexpr int kPushStages = 4, kPushLookahead = 2;
 // Pushed rows are flagged in batches of Plan::flag_batch, leaving the newest
 // Plan::flag_keep bulk stores in flight: a flag needs its row's store complete
@@ -941,72 +954,107 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t m = 0; m < num_tokens; ++m) {
       wait_token(m);
       const int64_t i = first + m * kReduceWarps;
-      // The token's copies in rank order (the order the xla backend adds them
-      // in, so the two agree bit for bit): our own row of y, peers' slots.
+      // The token's copies by rank (nullptr: none there): our own row of y,
+      // peers' slots.
       int q = lane < R ? __ldg(a.send_pos + i * R + lane) : -1;
       if (q >= M) q = -1;
-      const int4* src[kMaxRanks];
-      int nsrc = 0, local_k = -1;  // local_k: our own row's place in src (read-only y)
+      const int4* by_rank[kMaxRanks];
+      int nsrc = 0;
       uint32_t mask = 0;
 #pragma unroll
       for (int d = 0; d < kMaxRanks; ++d) {
         const int pos = __shfl_sync(kFullMask, q, d);
+        by_rank[d] = nullptr;
         if (pos < 0) continue;
         mask |= 1u << d;
-        if (d == me) local_k = nsrc;
-        src[nsrc++] = reinterpret_cast<const int4*>(
+        ++nsrc;
+        by_rank[d] = reinterpret_cast<const int4*>(
             d == me ? y + static_cast<int64_t>(pos) * row_bytes
                     : slots + (PeerIndex(d, me) * N + i) * row_bytes);
       }
       int4* dst = reinterpret_cast<int4*>(out + i * row_bytes);
-      for (int64_t base = 0; base < n16; base += 32 * kReduceUnroll) {
-        float acc[kReduceUnroll][Traits::kElems];
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-#pragma unroll
-          for (int e = 0; e < Traits::kElems; ++e) acc[u][e] = 0.f;
-        }
-        // Two sources at a time: 2 x kReduceUnroll loads in flight per lane.
-        for (int k = 0; k < nsrc; k += 2) {
+      if (nsrc <= 2) {
+        // At most two copies (every token at R = 2): their sum is the tree's
+        // (the other leaves are zeros). 2 x kReduceUnroll loads in flight.
+        const int first_d = nsrc > 0 ? __ffs(mask) - 1 : 0;
+        const int second_d = nsrc > 1 ? __ffs(mask & (mask - 1u)) - 1 : first_d;
+        const int4* sa = by_rank[first_d];
+        const int4* sb = by_rank[second_d];
+        const bool a_local = first_d == me, b_local = second_d == me, two = nsrc == 2;
+        for (int64_t base = 0; base < n16; base += 32 * kReduceUnroll) {
           int4 va[kReduceUnroll], vb[kReduceUnroll];
-          const bool two = k + 1 < nsrc;
-          const bool a_local = k == local_k, b_local = k + 1 == local_k;
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u) {
+            const int64_t v = base + lane + 32 * u;
+            if (v < n16 && nsrc > 0) {
+              va[u] = a_local ? LoadNc16(sa + v) : LoadCg16(sa + v);
+              if (two) vb[u] = b_local ? LoadNc16(sb + v) : LoadCg16(sb + v);
+            }
+          }
 #pragma unroll
           for (int u = 0; u < kReduceUnroll; ++u) {
             const int64_t v = base + lane + 32 * u;
             if (v < n16) {
-              va[u] = a_local ? LoadNc16(src[k] + v) : LoadCg16(src[k] + v);
-              if (two) vb[u] = b_local ? LoadNc16(src[k + 1] + v) : LoadCg16(src[k + 1] + v);
-            }
-          }
+              float acc[Traits::kElems];
 #pragma unroll
-          for (int u = 0; u < kReduceUnroll; ++u) {
-            if (base + lane + 32 * u < n16) {
-              Traits::Add(va[u], acc[u]);
-              if (two) Traits::Add(vb[u], acc[u]);
+              for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
+              if (nsrc > 0) Traits::Add(va[u], acc);
+              if (two) Traits::Add(vb[u], acc);
+              Store16(dst + v, Traits::Pack(acc));
             }
           }
         }
+      } else {
+        // Three or more: the tree over the ranks, kTreeUnroll loads per rank in flight.
+        for (int64_t base = 0; base < n16; base += 32 * kTreeUnroll) {
+          int4 v[kMaxRanks][kTreeUnroll];
 #pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-          const int64_t v = base + lane + 32 * u;
-          if (v < n16) Store16(dst + v, Traits::Pack(acc[u]));
+          for (int d = 0; d < kMaxRanks; ++d) {
+#pragma unroll
+            for (int u = 0; u < kTreeUnroll; ++u) {
+              const int64_t j = base + lane + 32 * u;
+              v[d][u] = make_int4(0, 0, 0, 0);
+              if (j < n16 && by_rank[d] != nullptr) {
+                v[d][u] = d == me ? LoadNc16(by_rank[d] + j) : LoadCg16(by_rank[d] + j);
+              }
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kTreeUnroll; ++u) {
+            const int64_t j = base + lane + 32 * u;
+            if (j >= n16) continue;
+            // TreeSum8's order, level by level: pairs of ranks, pairs of pairs.
+            float pair[kMaxRanks / 2][Traits::kElems], sum[Traits::kElems];
+#pragma unroll
+            for (int p = 0; p < kMaxRanks / 2; ++p) {
+              float lo[Traits::kElems], hi[Traits::kElems];
+              Traits::ToFloats(v[2 * p][u], lo);
+              Traits::ToFloats(v[2 * p + 1][u], hi);
+#pragma unroll
+              for (int e = 0; e < Traits::kElems; ++e) pair[p][e] = lo[e] + hi[e];
+            }
+#pragma unroll
+            for (int e = 0; e < Traits::kElems; ++e) {
+              sum[e] = (pair[0][e] + pair[1][e]) + (pair[2][e] + pair[3][e]);
+            }
+            Store16(dst + j, Traits::Pack(sum));
+          }
         }
       }
       if (lane < K) {
-        float wsum = 0.f;
-        if (weights != nullptr) {  // lane k sums weight k of every copy
+        float w[kMaxRanks];  // lane k: weight k of each rank's copy, in the same tree
 #pragma unroll
-          for (int d = 0; d < kMaxRanks; ++d) {
-            if (!((mask >> d) & 1u)) continue;
-            if (d == me) {
-              const int qm = __ldg(a.send_pos + i * R + d);
-              wsum += __ldg(weights + static_cast<int64_t>(qm) * K + lane);
-            } else {
-              wsum += slot_w[(PeerIndex(d, me) * N + i) * K + lane];
-            }
+        for (int d = 0; d < kMaxRanks; ++d) {
+          w[d] = 0.f;
+          if (weights == nullptr || !((mask >> d) & 1u)) continue;
+          if (d == me) {
+            const int qm = __ldg(a.send_pos + i * R + d);
+            w[d] = __ldg(weights + static_cast<int64_t>(qm) * K + lane);
+          } else {
+            w[d] = slot_w[(PeerIndex(d, me) * N + i) * K + lane];
           }
         }
+        const float wsum = TreeSum8(w);
         a.combined_weights[i * K + lane] = wsum;
       }
     }
