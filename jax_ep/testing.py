@@ -111,19 +111,40 @@ def reference_dispatch(xs, topk_idxs, topk_weights, num_experts: int,
 
 
 def reference_combine(ys, dispatched, num_tokens: int, weights=None):
-  """``combined[s][i] = sum_d ys[d][row of (s, i) on d]`` in float32, per rank."""
+  """``combined[s][i] = sum_d ys[d][row of (s, i) on d]`` in float32, per rank,
+  added as every backend adds them: a balanced pairwise tree over the ranks d,
+  absent copies zero, padded with zeros to a power of two (so a float32 result
+  is exact, bit for bit; round it to bfloat16 for a bfloat16 combine)."""
   R = len(ys)
   H = ys[0].shape[1]
-  outs = [np.zeros((num_tokens, H), np.float32) for _ in range(R)]
+
+  def tree(terms):
+    while len(terms) > 1:
+      terms = terms + [np.zeros_like(terms[0])] * (len(terms) % 2)
+      terms = [terms[j] + terms[j + 1] for j in range(0, len(terms), 2)]
+    return terms[0]
+
+  def per_rank_copies(rows_of, width):
+    copies = [[np.zeros((num_tokens, width), np.float32) for _ in range(R)] for _ in range(R)]
+    for d in range(R):
+      for row, (s, i) in enumerate(dispatched[d]["recv_src"]):
+        copies[s][d][i] = np.asarray(rows_of(d)[row], np.float32)
+    return [tree(copies[s]) for s in range(R)]
+
+  outs = per_rank_copies(lambda d: ys[d], H)
   wouts = None
   if weights is not None:
-    wouts = [np.zeros((num_tokens, weights[0].shape[1]), np.float32) for _ in range(R)]
-  for d in range(R):
-    for row, (s, i) in enumerate(dispatched[d]["recv_src"]):
-      outs[s][i] += np.asarray(ys[d][row], np.float32)
-      if weights is not None:
-        wouts[s][i] += np.asarray(weights[d][row], np.float32)
+    wouts = per_rank_copies(lambda d: weights[d], weights[0].shape[1])
   return outs, wouts
+
+
+def assert_combined(out, reference_f32, where=""):
+  """A combine's output against ``reference_combine``: bit for bit, once the
+  float32 reference is rounded to the output's dtype (every backend adds in the
+  reference's order and rounds once)."""
+  out = np.asarray(out)
+  expected = np.asarray(jnp.asarray(reference_f32, jnp.float32).astype(out.dtype))
+  np.testing.assert_array_equal(out.astype(np.float32), expected.astype(np.float32), where)
 
 
 class count_compilations:
@@ -332,13 +353,11 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
       np.testing.assert_array_equal(src_rank, exp_rank, where)
       np.testing.assert_array_equal(src_idx, exp_idx, where)
       assert int(n_recv[0]) == e["num_recv_tokens"], where
-      tol = dict(rtol=1e-2, atol=1e-2) if jdt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
-      np.testing.assert_allclose(out.astype(np.float32), combined[rank], err_msg=where, **tol)
-      np.testing.assert_allclose(out_w, combined_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
+      assert_combined(out, combined[rank], where)
+      assert_combined(out_w, combined_w[rank], where + " (weights)")
       np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
       np.testing.assert_array_equal(recv_w2, exp_w2, where)
-      np.testing.assert_allclose(grad_x.astype(np.float32), grad_ref[rank], err_msg=where,
-                                 **tol)
+      assert_combined(grad_x, grad_ref[rank], where + " (gradient of dispatch)")
       num_recv[rank] = int(n_recv[0])
   buf.destroy()
   return {"ranks": sorted(num_recv), "num_ranks": R, "num_recv_tokens": num_recv,
@@ -457,7 +476,6 @@ def check_random_routings(process, num_processes, *, count=1008, seed=0, backend
     pieces = [_local_ranks(leaf) for leaf in leaves]  # {rank: [B, ...]} per leaf
     got = {rank: jax.tree_util.tree_unflatten(tree, [p[rank] for p in pieces])
            for rank in pieces[0]}
-    tol = dict(rtol=1e-2, atol=1e-2) if dt == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
     for b, cs in enumerate(cases):
       ws = cs["w"] if weighted else [None] * R
       ref = reference_dispatch(cs["x"], cs["idx"], ws, E, M)
@@ -479,12 +497,12 @@ def check_random_routings(process, num_processes, *, count=1008, seed=0, backend
         np.testing.assert_array_equal(src_idx, [i for _, i in kept] + [-1] * (cap - len(kept)),
                                       where)
         np.testing.assert_array_equal(n_recv, [e["num_recv_tokens"]], where)
-        np.testing.assert_allclose(out.astype(np.float32), comb[rank], err_msg=where, **tol)
+        assert_combined(out, comb[rank], where)
         np.testing.assert_array_equal(recv_x2.astype(np.float32), ref2[rank]["recv_x"], where)
         if weighted:
           recv_w, out_w = outs[10], outs[11]
           np.testing.assert_array_equal(recv_w, e["recv_topk_weights"], where)
-          np.testing.assert_allclose(out_w, comb_w[rank], rtol=1e-6, atol=1e-6, err_msg=where)
+          assert_combined(out_w, comb_w[rank], where + " (weights)")
     buf.destroy()
     done += B
   return {"routings": done, "backend": backend, "configs": configs}

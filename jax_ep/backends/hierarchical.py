@@ -19,12 +19,16 @@ axis is where XLA's collectives cross hosts: NCCL, DCN). A cuda local hop is
 not built: see ``make``.
 
 What differs from a flat Buffer, and only there: combine (so also the gradient
-of dispatch) adds a token's copies per node first, then the nodes. Floating-point
-addition is not associative, so a sum can differ from the flat one in its last
-bits (float32) when a token has two or more copies on a node after its first
-destination node; in bfloat16 the partials are also rounded to bfloat16 for the
-node hop. Everything else (rows, their order, ids, weights, counts, the handle's
-flat leaves) is bit-identical while nothing overflows the forwarding capacity.
+of dispatch) adds a token's copies per node first, then the nodes. Every
+backend's combine adds a token's copies in pairwise rank order
+(``xla.pairwise_sum``), and with a local axis of a power of two the per-node
+sums are subtrees of that order: float32 results are bit-identical to the flat
+Buffer's. In bfloat16 the node partials are rounded to bfloat16 for the node
+hop (the one difference the contract allows). With a local axis that is not a
+power of two the nodes do not line up with the tree, and float32 sums can
+differ in their last bits. Everything else (rows, their order, ids, weights,
+counts, the handle's flat leaves) is bit-identical while nothing overflows the
+forwarding capacity.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from jax import lax
 
 from jax_ep import _ops
 from jax_ep.backends.xla import (_broadcast_exchange, compute_layout, gather_rows,
-                                 send_positions)
+                                 pairwise_sum, send_positions)
 from jax_ep.handles import DispatchHandle
 
 
@@ -273,18 +277,14 @@ class HierarchicalBackend:
     rest = rows.shape[1:]
     outgoing = jnp.zeros((R * F,) + rest, rows.dtype).at[slot].set(rows, mode="drop")
     back = lax.all_to_all(outgoing.reshape((L, Nn, F) + rest), self.local_axis, 0, 0)
-    # Sum in local-rank order, as the flat backend sums in rank order.
-    partial = back[0].astype(jnp.float32)
-    for l in range(1, L):
-      partial = partial + back[l].astype(jnp.float32)
+    # The node's copies, then the nodes' partials, each in pairwise order: with
+    # L a power of two that is the flat combine's tree, split at the nodes.
+    partial = pairwise_sum([back[l].astype(jnp.float32) for l in range(L)])
     home = lax.all_to_all(partial.astype(out_dtype), self.node_axis, 0, 0)  # [Nn, F, ...]
-    total = None
-    for n in range(Nn):
-      part = _take(home[n], handle.forward_pos[:, n]).astype(jnp.float32)
-      total = part if total is None else total + part
-    if total is None or N == 0:
+    if N == 0:
       return jnp.zeros((N,) + rest, out_dtype)
-    return total.astype(out_dtype)
+    parts = [_take(home[n], handle.forward_pos[:, n]).astype(jnp.float32) for n in range(Nn)]
+    return pairwise_sum(parts).astype(out_dtype)
 
   def combine(self, y, weights, handle):
     combined_w = None if weights is None else self._send_back(weights, handle,

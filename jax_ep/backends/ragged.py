@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep.backends.xla import compute_layout
+from jax_ep.backends.xla import compute_layout, pairwise_sum
 from jax_ep.handles import DispatchHandle
 
 
@@ -142,12 +142,13 @@ class RaggedBackend:
         recv_sizes.astype(jnp.int32), _exclusive_cumsum(counts, axis=1)[:, me].astype(jnp.int32),
         jnp.minimum(kept, jnp.maximum(M - out_off, 0)).astype(jnp.int32),
         axis_name=self.axis_name)
-    total = jnp.zeros((N,) + rows.shape[1:], jnp.float32)
-    for d in range(R):  # rank order, as the other backends sum
+    copies = []
+    for d in range(R):
       copy = back[jnp.maximum(slot[:, d], 0)].astype(jnp.float32)
       keep = (slot[:, d] >= 0).reshape((N,) + (1,) * (rows.ndim - 1))
-      total = total + jnp.where(keep, copy, 0.0)
-    return total.astype(out_dtype)
+      copies.append(jnp.where(keep, copy, 0.0))
+    # In pairwise rank order, as the other backends add them.
+    return pairwise_sum(copies).astype(out_dtype)
 
   def combine(self, y, weights, handle):
     combined_x = self._send_back(y, handle, y.dtype)

@@ -60,6 +60,26 @@ def gather_rows(received: jax.Array, src_rank: jax.Array, src_row: jax.Array) ->
   return jnp.where(mask, rows, jnp.zeros((), rows.dtype))
 
 
+def pairwise_sum(terms):
+  """Sum a list of equally shaped arrays in the order of a balanced binary tree
+  over its positions, padded with zeros to a power of two:
+  ``((t0 + t1) + (t2 + t3)) + ((t4 + t5) + ...)``.
+
+  Combine adds a token's copies in this order over the ranks (every backend;
+  an absent copy is a zero). A block of 2^k ranks starting at a multiple of
+  2^k is then a subtree, so a two-axis Buffer that sums each node's copies
+  first, then the nodes' partial sums in this order, adds exactly the same
+  floats in exactly the same way as the flat Buffer (issue 13) when its local
+  axis is a power of two.
+  """
+  terms = list(terms)
+  while len(terms) > 1:
+    if len(terms) % 2:
+      terms.append(jnp.zeros_like(terms[0]))
+    terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+  return terms[0]
+
+
 def send_positions(is_in: jax.Array, counts: jax.Array, me, capacity: int) -> jax.Array:
   """``send_pos`` [N, R]: the receive row of each (token, destination) this rank
   sends (``is_in``), given ``counts[s, d]`` of every rank; -1 past ``capacity``."""
@@ -140,10 +160,8 @@ class XlaBackend:
     outgoing = jnp.zeros((R * N,) + rows.shape[1:], rows.dtype).at[slot].set(
         rows, mode="drop")
     back = _exchange(outgoing.reshape((R, N) + rows.shape[1:]), self.axis_name)
-    # Accumulate in rank order, as the CUDA reduce does.
-    total = back[0].astype(accumulate_dtype)
-    for d in range(1, R):
-      total = total + back[d].astype(accumulate_dtype)
+    # The copies in pairwise rank order (see pairwise_sum), as the CUDA reduce adds them.
+    total = pairwise_sum([back[d].astype(accumulate_dtype) for d in range(R)])
     return total.astype(out_dtype)
 
   def combine(self, y, weights, handle):
