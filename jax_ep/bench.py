@@ -473,8 +473,11 @@ def main(argv=None) -> int:
   if args.ranks:
     from jax_ep.multiprocess import launch
     processes = "per-gpu" if args.gpus else "emulated"
-    # XLA's collectives cannot run ranks emulated on one GPU; ragged only on request.
-    backends = (["cuda"] if args.backends == "all" and processes == "emulated" else
+    if args.gpus and args.ranks > args.gpus:  # several ranks share each GPU
+      processes = f"per-gpu, {-(-args.ranks // args.gpus)} a GPU"
+    # XLA's collectives cannot run two ranks on one GPU; ragged only on request.
+    shared = not args.gpus or args.ranks > args.gpus
+    backends = (["cuda"] if args.backends == "all" and shared else
                 ["xla", "cuda"] if args.backends == "all" else args.backends.split(","))
     env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cuda")}
     shapes, iters, reps = _defaults(args, on_gpu=True)
