@@ -40,7 +40,7 @@ from jax import lax
 
 from jax_ep import _ops
 from jax_ep.backends.xla import (_broadcast_exchange, compute_layout, gather_rows,
-                                 pairwise_sum, send_positions)
+                                 pairwise_sum, receive_metadata, send_positions)
 from jax_ep.handles import DispatchHandle
 
 
@@ -247,19 +247,10 @@ class HierarchicalBackend:
 
     recv_x = self._deliver(x, handle)
     recv_global = gather_rows(global_idx, handle.recv_src_rank, handle.recv_forward_pos)
-    keep = ((handle.recv_src_rank >= 0)[:, None] & (recv_global >= 0)
-            & (recv_global < num_experts) & (recv_global // experts_per_rank == me))
-    local_idx = recv_global - me * experts_per_rank
-    recv_topk_idx = jnp.where(keep, local_idx, -1).astype(jnp.int32)
-    recv_topk_weights = None
-    if topk_weights is not None:
-      w = gather_rows(hops(topk_weights), handle.recv_src_rank, handle.recv_forward_pos)
-      recv_topk_weights = jnp.where(keep, w, 0.0).astype(jnp.float32)
-    slot_expert = jnp.where(keep, local_idx, experts_per_rank).reshape(-1)
-    num_recv_tokens_per_expert = jnp.zeros((experts_per_rank,), jnp.int32).at[
-        slot_expert].add(1, mode="drop")
-    return (recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
-            handle)
+    recv_w = (None if topk_weights is None else
+              gather_rows(hops(topk_weights), handle.recv_src_rank, handle.recv_forward_pos))
+    return (recv_x, *receive_metadata(recv_global, recv_w, handle.recv_src_rank, me,
+                                      num_experts, R), handle)
 
   def cached_dispatch(self, x, weights, handle):
     recv_w = None if weights is None else self._deliver(weights, handle)

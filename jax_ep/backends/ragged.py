@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep.backends.xla import compute_layout, pairwise_sum
+from jax_ep.backends.xla import compute_layout, pairwise_sum, receive_metadata
 from jax_ep.handles import DispatchHandle
 
 
@@ -83,7 +83,6 @@ class RaggedBackend:
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens):
     R, M, axis = self.num_ranks, num_worst_tokens, self.axis_name
     N, K = topk_idx.shape
-    El = num_experts // R
     me = lax.axis_index(axis)
     if layout is None:
       layout = self.layout(topk_idx, num_experts)
@@ -104,20 +103,16 @@ class RaggedBackend:
     recv_x, recv_meta = exchange(x), exchange(meta)
     num_recv = counts[:, me].sum().astype(jnp.int32)
     valid = jnp.arange(M) < jnp.minimum(num_recv, M)
-    ids = recv_meta[:, :K] - me * El
-    local = valid[:, None] & (recv_meta[:, :K] >= 0) & (ids >= 0) & (ids < El)
-    recv_topk_idx = jnp.where(local, ids, -1).astype(jnp.int32)
-    recv_w = jnp.where(local, lax.bitcast_convert_type(recv_meta[:, K:2 * K], jnp.float32), 0.0)
-    per_expert = jnp.zeros((El,), jnp.int32).at[jnp.where(local, ids, El).reshape(-1)].add(
-        1, mode="drop")
     # Source rank of receive row r: the sources' row ranges are consecutive.
     recv_ends = jnp.cumsum(counts[:, me])
     src_rank = jnp.searchsorted(recv_ends, jnp.arange(M), side="right").astype(jnp.int32)
     handle = DispatchHandle(send_pos, jnp.where(valid, recv_meta[:, 2 * K], -1),
                             jnp.where(valid, src_rank, -1), num_recv.reshape(1))
     recv_x = jnp.where(valid[:, None], recv_x, jnp.zeros((), recv_x.dtype))
-    return (recv_x, recv_topk_idx, recv_w if topk_weights is not None else None,
-            per_expert, handle)
+    recv_w = (None if topk_weights is None else
+              lax.bitcast_convert_type(recv_meta[:, K:2 * K], jnp.float32))
+    return (recv_x, *receive_metadata(recv_meta[:, :K], recv_w, handle.recv_src_rank, me,
+                                      num_experts, R), handle)
 
   def cached_dispatch(self, x, weights, handle):
     M = handle.capacity

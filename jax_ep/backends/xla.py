@@ -80,6 +80,27 @@ def pairwise_sum(terms):
   return terms[0]
 
 
+def receive_metadata(recv_global_idx, recv_weights, recv_src_rank, me, num_experts: int,
+                     num_ranks: int):
+  """What dispatch returns beside the rows, from the received rows' global ids
+  ``[M, K]`` (and weights, or None): ``recv_topk_idx`` (local expert ids of
+  this rank's experts, else -1), ``recv_topk_weights`` (the matching weights,
+  else 0; None without weights) and ``num_recv_tokens_per_expert`` (kept
+  (row, k) slots per local expert). Padding rows (``recv_src_rank`` -1) count
+  for nothing."""
+  experts_per_rank = num_experts // num_ranks
+  keep = ((recv_src_rank >= 0)[:, None] & (recv_global_idx >= 0)
+          & (recv_global_idx < num_experts) & (recv_global_idx // experts_per_rank == me))
+  local_idx = recv_global_idx - me * experts_per_rank
+  recv_topk_idx = jnp.where(keep, local_idx, -1).astype(jnp.int32)
+  recv_topk_weights = None
+  if recv_weights is not None:
+    recv_topk_weights = jnp.where(keep, recv_weights, 0.0).astype(jnp.float32)
+  slot_expert = jnp.where(keep, local_idx, experts_per_rank).reshape(-1)
+  counts = jnp.zeros((experts_per_rank,), jnp.int32).at[slot_expert].add(1, mode="drop")
+  return recv_topk_idx, recv_topk_weights, counts
+
+
 def send_positions(is_in: jax.Array, counts: jax.Array, me, capacity: int) -> jax.Array:
   """``send_pos`` [N, R]: the receive row of each (token, destination) this rank
   sends (``is_in``), given ``counts[s, d]`` of every rank; -1 past ``capacity``."""
@@ -104,7 +125,6 @@ class XlaBackend:
                num_worst_tokens):
     R, M, axis = self.num_ranks, num_worst_tokens, self.axis_name
     N = x.shape[0]
-    experts_per_rank = num_experts // R
     me = lax.axis_index(axis)
     if layout is None:
       layout = self.layout(topk_idx, num_experts)
@@ -130,19 +150,10 @@ class XlaBackend:
 
     recv_x = _gather_rows(_broadcast_exchange(x, R, axis), handle)
     global_idx = _gather_rows(_broadcast_exchange(topk_idx, R, axis), handle)
-    keep = ((handle.recv_src_rank >= 0)[:, None] & (global_idx >= 0)
-            & (global_idx < num_experts) & (global_idx // experts_per_rank == me))
-    local_idx = global_idx - me * experts_per_rank
-    recv_topk_idx = jnp.where(keep, local_idx, -1).astype(jnp.int32)
-    recv_topk_weights = None
-    if topk_weights is not None:
-      w = _gather_rows(_broadcast_exchange(topk_weights, R, axis), handle)
-      recv_topk_weights = jnp.where(keep, w, 0.0).astype(jnp.float32)
-    slot_expert = jnp.where(keep, local_idx, experts_per_rank).reshape(-1)
-    num_recv_tokens_per_expert = jnp.zeros((experts_per_rank,), jnp.int32).at[
-        slot_expert].add(1, mode="drop")
-    return (recv_x, recv_topk_idx, recv_topk_weights,
-            num_recv_tokens_per_expert, handle)
+    recv_w = (None if topk_weights is None else
+              _gather_rows(_broadcast_exchange(topk_weights, R, axis), handle))
+    return (recv_x, *receive_metadata(global_idx, recv_w, handle.recv_src_rank, me,
+                                      num_experts, R), handle)
 
   def cached_dispatch(self, x, weights, handle):
     R, axis = self.num_ranks, self.axis_name
