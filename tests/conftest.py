@@ -33,13 +33,6 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 
 @pytest.fixture(params=["xla", "ragged"])
 def backend(request, monkeypatch):
-  if request.param == "ragged":
-    monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
-  return request.param
-
-
-@pytest.fixture(params=["xla", "ragged"])
-def backend(request, monkeypatch):
   """The portable backends; ``ragged`` on an all-gather emulation of
   ``lax.ragged_all_to_all``, which XLA:CPU lacks."""
   if request.param == "ragged":
