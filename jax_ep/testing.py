@@ -196,6 +196,59 @@ def assert_close_to_scale(got, want, rel: float, what: str):
   assert err <= rel * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
+def put_moe(mesh, params, x, axis_name="ep"):
+  """MoE weights placed as ``moe.moe_param_specs`` says, tokens split over the axis."""
+  from jax_ep import moe
+  specs = moe.moe_param_specs(axis_name)
+  return ({k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()},
+          jax.device_put(x, NamedSharding(mesh, P(axis_name))))
+
+
+def moe_loss_and_grads(mesh, buf, **moe_kwargs):
+  """``jit(value_and_grad)`` over (params, x) of ``sum(moe_block(x) * ct)``
+  (float32), ``moe_kwargs`` passed to ``moe.moe_block``; the aux is ``(out,
+  MoeAux)``, every aux leaf with a leading rank axis."""
+  from jax_ep import moe
+  specs = moe.moe_param_specs("ep")
+
+  def body(p, x):
+    out, aux = moe.moe_block(buf, p, x, **moe_kwargs)
+    return out, jax.tree_util.tree_map(lambda a: a[None], aux)
+
+  block = jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")),
+                        out_specs=(P("ep"), P("ep")))
+
+  def loss(p, x, ct):
+    out, aux = block(p, x)
+    return jnp.sum(out.astype(jnp.float32) * ct), (out, aux)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def dense_moe_loss_and_grads(expert_x_fn=None, **reference_kwargs):
+  """The same loss on ``moe.dense_moe_reference`` (``reference_kwargs``; the
+  experts see ``expert_x_fn(x)`` if given); the aux is the output."""
+  from jax_ep import moe
+
+  def loss(p, x, ct):
+    ex = None if expert_x_fn is None else expert_x_fn(x)
+    out = moe.dense_moe_reference(p, x, expert_x=ex, **reference_kwargs)
+    return jnp.sum(out * ct), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def assert_moe_close(out, grads, out_ref, grads_ref, rel: float, what: str = "",
+                     out_rel=None):
+  """An MoE output and its (params, x) gradients, each within ``rel`` (the
+  output: ``out_rel`` if given) of its reference's scale
+  (``assert_close_to_scale``)."""
+  assert_close_to_scale(out, out_ref, rel if out_rel is None else out_rel, f"{what}output")
+  for name in grads_ref[0]:
+    assert_close_to_scale(grads[0][name], grads_ref[0][name], rel, f"{what}grad {name}")
+  assert_close_to_scale(grads[1], grads_ref[1], rel, f"{what}grad x")
+
+
 def make_mesh(num_ranks: int, axis_name: str = "ep", explicit: bool = False):
   """A 1-D mesh over the first ``num_ranks`` devices (``jax.make_mesh`` if explicit)."""
   devices = jax.devices()[:num_ranks]

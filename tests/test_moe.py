@@ -16,41 +16,9 @@ BACKEND = "xla"
 _params = ept.random_moe_params
 
 
-def _sharded_loss_and_grads(mesh, buf, *, top_k, router, normalize,
-                            num_worst_tokens=None):
-  """jit(value_and_grad) of sum(moe_block(x) * ct) over (params, x)."""
-  specs = moe.moe_param_specs("ep")
-
-  def body(p, x):
-    out, aux = moe.moe_block(buf, p, x, top_k=top_k, router=router,
-                             normalize=normalize, num_worst_tokens=num_worst_tokens)
-    return out, jax.tree_util.tree_map(lambda a: a[None], aux)
-
-  block = jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")),
-                        out_specs=(P("ep"), P("ep")))
-
-  def loss(p, x, ct):
-    out, aux = block(p, x)
-    return jnp.sum(out.astype(jnp.float32) * ct), (out, aux)
-
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-def _dense_loss_and_grads(*, top_k, router, normalize, slot_mask=None):
-  def loss(p, x, ct):
-    out = moe.dense_moe_reference(p, x, top_k=top_k, router=router,
-                                  normalize=normalize, slot_mask=slot_mask)
-    return jnp.sum(out * ct), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-def _put(mesh, params, x):
-  specs = moe.moe_param_specs("ep")
-  params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
-  return params, jax.device_put(x, NamedSharding(mesh, P("ep")))
-
-
-_assert_close = ept.assert_close_to_scale
+_put = ept.put_moe
+_sharded_loss_and_grads = ept.moe_loss_and_grads
+_dense_loss_and_grads = ept.dense_moe_loss_and_grads
 
 
 def _numpy_tokens_per_expert(idx, E):
@@ -86,11 +54,8 @@ def test_moe_block_matches_dense_reference(R, N, H, F, E, K, router, normalize):
       top_k=K, router=router, normalize=normalize)(params, x, ct)
 
   # f32 throughout; only the summation order differs.
-  _assert_close(out, out_ref, 1e-5, "output")
+  ept.assert_moe_close(out, grads, out_ref, grads_ref, 1e-5)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-  for name in params:
-    _assert_close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
-  _assert_close(grads[1], grads_ref[1], 1e-5, "grad x")
 
   # Aux: no drops with the default capacity; routing statistics per rank.
   idx, _, probs = jax.jit(moe.route, static_argnums=(2, 3, 4))(
@@ -138,10 +103,7 @@ def test_overflow_is_reported_and_drops_exactly_the_excess_pairs():
 
   np.testing.assert_array_equal(aux.num_dropped_tokens, dropped)
   np.testing.assert_array_equal(aux.num_recv_tokens, [r["num_recv_tokens"] for r in ref])
-  _assert_close(out, out_ref, 1e-5, "output with drops")
-  for name in params:
-    _assert_close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
-  _assert_close(grads[1], grads_ref[1], 1e-5, "grad x")
+  ept.assert_moe_close(out, grads, out_ref, grads_ref, 1e-5, "with drops: ")
 
 
 def test_bfloat16_smoke():
@@ -164,10 +126,7 @@ def test_bfloat16_smoke():
   # state, each weighted expert output, and the combined output: a few
   # roundings of 2^-9 each, so 2e-2 of the output scale is a loose bound that a
   # wrong routing or weighting (errors of order 1) cannot meet.
-  _assert_close(out, out_ref, 2e-2, "bf16 output")
-  for name in params:
-    _assert_close(grads[0][name], grads_ref[0][name], 3e-2, f"bf16 grad {name}")
-  _assert_close(grads[1], grads_ref[1], 3e-2, "bf16 grad x")
+  ept.assert_moe_close(out, grads, out_ref, grads_ref, 3e-2, "bf16 ", out_rel=2e-2)
 
 
 def test_expert_major_permutation_and_inverse():
@@ -242,10 +201,7 @@ def test_block_and_dense_reference_take_the_same_placed_arrays_on_both_mesh_kind
       mesh, buf, top_k=K, router="softmax", normalize=True)(params, x, ct)
   (_, out_ref), grads_ref = _dense_loss_and_grads(
       top_k=K, router="softmax", normalize=True)(params, x, ct)
-  _assert_close(out, out_ref, 1e-5, "output")
-  for name in params:
-    _assert_close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
-  _assert_close(grads[1], grads_ref[1], 1e-5, "grad x")
+  ept.assert_moe_close(out, grads, out_ref, grads_ref, 1e-5)
 
 
 def test_expert_impl_is_visible_and_checked():

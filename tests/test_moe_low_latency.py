@@ -5,7 +5,6 @@ import pytest
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_ep
 from jax_ep import moe
@@ -14,37 +13,9 @@ from jax_ep import testing as ept
 F32 = np.float32
 
 
-def _put(mesh, params, x):
-  specs = moe.moe_param_specs("ep")
-  return ({k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()},
-          jax.device_put(x, NamedSharding(mesh, P("ep"))))
-
-
-def _sharded(mesh, buf, **kw):
-  specs = moe.moe_param_specs("ep")
-
-  def body(p, x):
-    out, aux = moe.moe_block(buf, p, x, **kw)
-    return out, aux.num_recv_tokens[None]
-
-  block = jax.shard_map(body, mesh=mesh, in_specs=(specs, P("ep")),
-                        out_specs=(P("ep"), P("ep")))
-
-  def loss(p, x, ct):
-    out, n = block(p, x)
-    return jnp.sum(out.astype(jnp.float32) * ct), (out, n)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-def _dense(top_k, expert_x_fn=None):
-  def loss(p, x, ct):
-    ex = None if expert_x_fn is None else expert_x_fn(x)
-    out = moe.dense_moe_reference(p, x, top_k=top_k, expert_x=ex)
-    return jnp.sum(out * ct), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-
-
-_close = ept.assert_close_to_scale
+_put = ept.put_moe
+_sharded = ept.moe_loss_and_grads
+_dense = ept.dense_moe_loss_and_grads
 
 
 @pytest.mark.parametrize("layout,R,N,T,H,F,E,K", [
@@ -58,16 +29,14 @@ def test_low_latency_moe_matches_dense(layout, R, N, T, H, F, E, K):
   params = ept.random_moe_params(rng, H, F, E)
   x = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
   ct = jnp.asarray(rng.standard_normal((R * N, H)).astype(F32))
-  (_, (out, n)), grads = _sharded(
+  (_, (out, aux)), grads = _sharded(
       mesh, buf, top_k=K, mode="low_latency", num_max_dispatch_tokens_per_rank=T,
       ll_expert_layout=layout)(*_put(mesh, params, x), ct)
-  (_, out_ref), grads_ref = _dense(K)(params, x, ct)
+  (_, out_ref), grads_ref = _dense(top_k=K)(params, x, ct)
   # f32 throughout, the same products; only the summation order differs.
-  _close(out, out_ref, 1e-5, "output")
-  for name in params:
-    _close(grads[0][name], grads_ref[0][name], 1e-5, f"grad {name}")
-  _close(grads[1], grads_ref[1], 1e-5, "grad x")
-  assert int(np.asarray(n).sum()) == R * N * K  # every (token, k) copy arrived
+  ept.assert_moe_close(out, grads, out_ref, grads_ref, 1e-5)
+  # every (token, k) copy arrived
+  assert int(np.asarray(aux.num_recv_tokens).sum()) == R * N * K
 
 
 def test_fp8_dispatch_moe_matches_dense():
@@ -92,11 +61,8 @@ def test_fp8_dispatch_moe_matches_dense():
   def round_trip(x):  # straight through: value x~, derivative 1
     return x + lax.stop_gradient(jax_ep.dequantize_fp8(*jax_ep.quantize_fp8(x)) - x)
 
-  (_, out_q), grads_q = _dense(K, round_trip)(params, x, ct)
-  _close(out, out_q, 1e-5, "output vs quantized dense")
-  for name in params:
-    _close(grads[0][name], grads_q[0][name], 1e-5, f"grad {name}")
-  _close(grads[1], grads_q[1], 1e-5, "grad x")
+  (_, out_q), grads_q = _dense(round_trip, top_k=K)(params, x, ct)
+  ept.assert_moe_close(out, grads, out_q, grads_q, 1e-5, "vs quantized dense: ")
 
   # (2) The input perturbation d = x~ - x obeys e4m3's bound elementwise, and
   # the output moved by what d explains: to first order J d (J the experts'
