@@ -73,10 +73,9 @@ constexpr int kHistBins = 256;  // shared-memory expert histogram when E/R fits
 // Dynamic shared memory per block: the opt-in maximum less room for the
 // kernels' static arrays.
 constexpr int64_t kSmemBudget = kMaxSmemBytes - 1024;
-constexpr int kDispatchStages = kPushWarps * kPushStages;
-constexpr int kDispatchBars = kDispatchStages;
-constexpr int kCombineStages = kPushWarps * kPushStages;
-constexpr int kCombineBars = kCombineStages;
+// Every kernel's shared-memory stages are the push warps' rings (the other
+// roles work from registers), one mbarrier each.
+constexpr int kStages = kPushWarps * kPushStages;
 
 // Per-launch shared-memory plan, made on the host (MakePlan).
 struct Plan {
@@ -1085,21 +1084,20 @@ void FlagBatching(int* batch, int* keep) {
   *keep = k;
 }
 
-Plan MakePlan(int64_t row_bytes, int num_stages, int num_bars, bool use_hist, int num_sms,
-              int ranks_on_device) {
+Plan MakePlan(int64_t row_bytes, bool use_hist, int num_sms, int ranks_on_device) {
   Plan p{};
   FlagBatching(&p.flag_batch, &p.flag_keep);
   const int per_rank = std::max(1, DeviceSmCount() / std::max(1, ranks_on_device));
   p.grid = std::max(1, std::min({num_sms, kMaxBlocks, per_rank}));
   p.use_hist = use_hist;
-  const int64_t bars = AlignUp(8LL * num_bars);
+  const int64_t bars = AlignUp(8LL * kStages);
   const int64_t flags = AlignUp(static_cast<int64_t>(sizeof(FlagEntry)) * kPushWarps * kFlagRing);
   const int64_t hist = use_hist ? AlignUp(4LL * kHistBins) : 0;
   const int64_t avail = kSmemBudget - bars - flags - hist;
-  p.stage_bytes = std::min(AlignUp(row_bytes), avail / num_stages / kSubArrayAlign * kSubArrayAlign);
+  p.stage_bytes = std::min(AlignUp(row_bytes), avail / kStages / kSubArrayAlign * kSubArrayAlign);
   p.chunk_bytes = std::min(row_bytes, p.stage_bytes);
   p.num_chunks = static_cast<int>((row_bytes + p.chunk_bytes - 1) / p.chunk_bytes);
-  p.bars_offset = p.stage_bytes * num_stages;
+  p.bars_offset = p.stage_bytes * kStages;
   p.flag_ring_offset = p.bars_offset + bars;
   p.hist_offset = p.flag_ring_offset + flags;
   p.smem_bytes = p.hist_offset + hist;
@@ -1142,10 +1140,9 @@ cudaError_t Preload() {
 
 cudaError_t Dispatch(const DispatchArgs& a, cudaStream_t stream) {
   const int El = a.num_experts / a.group.num_ranks;
-  Plan p = MakePlan(a.row_bytes, kDispatchStages, kDispatchBars, El <= kHistBins, a.num_sms,
-                    a.group.ranks_on_device);
+  Plan p = MakePlan(a.row_bytes, El <= kHistBins, a.num_sms, a.group.ranks_on_device);
   // P0 keeps one byte per token of a block in the (not yet used) stages.
-  if ((a.num_tokens + p.grid - 1) / p.grid > p.stage_bytes * kDispatchStages) {
+  if ((a.num_tokens + p.grid - 1) / p.grid > p.stage_bytes * kStages) {
     return cudaErrorInvalidValue;
   }
   const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
@@ -1154,16 +1151,14 @@ cudaError_t Dispatch(const DispatchArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t CachedDispatch(const CachedDispatchArgs& a, cudaStream_t stream) {
-  const Plan p = MakePlan(a.row_bytes, kDispatchStages, kDispatchBars, false, a.num_sms,
-                          a.group.ranks_on_device);
+  const Plan p = MakePlan(a.row_bytes, false, a.num_sms, a.group.ranks_on_device);
   const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
                                    a.weights != nullptr});
   return LaunchPlanned(CachedDispatchKernel, a, p, hash, stream);
 }
 
 cudaError_t Combine(const CombineArgs& a, cudaStream_t stream) {
-  const Plan p = MakePlan(a.row_bytes, kCombineStages, kCombineBars, false, a.num_sms,
-                          a.group.ranks_on_device);
+  const Plan p = MakePlan(a.row_bytes, false, a.num_sms, a.group.ranks_on_device);
   const uint32_t hash = ShapeHash({a.num_tokens, a.num_recv_rows, a.row_bytes, a.num_topk,
                                    a.weights != nullptr, static_cast<int64_t>(a.row_type)});
   if (a.row_type == RowType::kBF16) {
