@@ -48,6 +48,8 @@ enum OpCode : int {
   kOpCachedDispatch = 2,
   kOpCombine = 3,
   kOpLayout = 4,
+  kOpLowLatencyDispatch = 5,
+  kOpLowLatencyCombine = 6,
   kOpAbort = 15,  // a hello saying "this rank gave up on the op"
 };
 
@@ -57,6 +59,8 @@ JAX_EP_HD const char* OpName(int op) {
     case kOpCachedDispatch: return "cached_dispatch";
     case kOpCombine: return "combine";
     case kOpLayout: return "get_dispatch_layout";
+    case kOpLowLatencyDispatch: return "low_latency_dispatch";
+    case kOpLowLatencyCombine: return "low_latency_combine";
     default: return "unknown op";
   }
 }
@@ -75,6 +79,8 @@ enum FaultKind : int {
   kFaultBadRank = 6,         // the rank operand is not the registered rank
   kFaultDestroyed = 7,       // the Buffer was destroyed
   kFaultHandleMismatch = 8,  // a peer's row disagrees with our handle
+  kFaultReceivePending = 9,  // `other_op`'s receive has not run yet (low-latency split form)
+  kFaultNothingToReceive = 10,  // a low-latency receive without its send just before
 };
 
 // Header offsets (bytes from the buffer base). "own" fields are read and
@@ -84,6 +90,10 @@ constexpr int64_t kDoneTicketOffset = 4;     // u32, own: blocks of the current 
 constexpr int64_t kLayoutSeqOffset = 8;      // u32, own: layout calls
 constexpr int64_t kLayoutTicketOffset = 12;  // u32, own
 constexpr int64_t kLayoutZeroedOffset = 16;  // u32, own: layout seq once outputs are zeroed
+// u32 pair, own: {seq, op} of a low-latency send whose receive has not run
+// yet, {0, 0} if none. Every other op refuses to start while it is set (it
+// would overwrite the rows in flight).
+constexpr int64_t kPendingReceiveOffset = 20;
 constexpr int64_t kHelloOffset = 64;         // u64 [2][kMaxRanks]: PackHello
 constexpr int64_t kCountsOffset = 256;       // i32 [2][kMaxRanks][kMaxRanks]: [par][src][dst]
 constexpr int64_t kBlockFlagOffset = 768;    // u32 [kMaxBlocks], own: seq once published
@@ -136,6 +146,38 @@ JAX_EP_HD constexpr IntranodeRegions MakeIntranodeRegions(int64_t R, int64_t N, 
   const int64_t combine_end = l.slot_weights + AlignUp(peer_slots * K * 4);
   l.bytes = dispatch_end > combine_end ? dispatch_end : combine_end;
   return l;
+}
+
+// The low-latency ops (low_latency.cu) use the buffer after the header their
+// own way, one op at a time like the others. T = num_max_dispatch_tokens_per_rank;
+// a "slot" is (source rank s, token i, k), numbered (s * T + i) * K + k.
+//
+//   ll_flags   = header                        # u64 [R, T]: (seq << 32) | word, by (rank, token)
+//   ll_ids     = ll_flags + align(8 R T)       # i32 [R, T, K]: dispatch: each source's expert ids
+//   ll_weights = ll_ids + align(4 R T K)       # f32 [R, T, K]: cached dispatch: each source's
+//                                              #   weights; combine: [T, K] this rank's own,
+//                                              #   which peers read
+//   ll_data    = ll_weights + align(4 R T K)   # dispatch: [R, T, row] rows by source;
+//                                              # combine: [R, T, H] f32 partial sums by expert rank
+//   LowLatencyBytesNeeded(R, T, K, data_row)   # data_row = max(dispatch row bytes, 4 H)
+struct LowLatencyRegions {
+  int64_t flags, ids, weights, data, bytes;
+};
+
+JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T, int64_t K,
+                                                           int64_t data_row_bytes) {
+  LowLatencyRegions l{};
+  l.flags = kHeaderBytes;
+  l.ids = l.flags + AlignUp(8 * R * T);
+  l.weights = l.ids + AlignUp(4 * R * T * K);
+  l.data = l.weights + AlignUp(4 * R * T * K);
+  l.bytes = l.data + AlignUp(R * T * data_row_bytes);
+  return l;
+}
+
+JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
+                                                  int64_t data_row_bytes) {
+  return MakeLowLatencyRegions(R, T, K, data_row_bytes).bytes;
 }
 
 // With one rank nothing crosses: the ops copy operands straight into their

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -268,6 +269,14 @@ static __device__ __noinline__ void Fail(const GroupView& g, int kind, int op, i
       printf("jax_ep: %s on rank %d: a row from rank %d does not match the handle\n",
              OpName(op), rank, peer);
       break;
+    case kFaultReceivePending:
+      printf("jax_ep: %s on rank %d: the %s sent before it was not received yet (call its "
+             "recv_fn first)\n", OpName(op), rank, OpName(other_op));
+      break;
+    case kFaultNothingToReceive:
+      printf("jax_ep: %s on rank %d: nothing to receive (its send must be the last jax_ep op "
+             "on this Buffer before it)\n", OpName(op), rank);
+      break;
     default:
       printf("jax_ep: %s failed on rank %d\n", OpName(op), rank);
   }
@@ -290,13 +299,103 @@ struct Deadline {
 
 // Entry checks every peer kernel makes: the Buffer is alive and the rank
 // operand is the rank it was registered with (else every address is wrong).
-__device__ __forceinline__ int CheckedRank(const GroupView& g, const int32_t* rank_ptr, int op) {
+__device__ __forceinline__ int CheckedRankAlive(const GroupView& g, const int32_t* rank_ptr,
+                                                int op) {
   if (*reinterpret_cast<const volatile uint32_t*>(g.alive) != g.buffer_id) {
     Fail(g, kFaultDestroyed, op, g.rank, g.rank, kOpNone, 0);
   }
   const int rank = __ldg(rank_ptr);
   if (rank != g.rank) Fail(g, kFaultBadRank, op, g.rank, rank, kOpNone, 0);
   return rank;
+}
+
+// ... and, for every op but a low-latency receive, that no low-latency
+// receive is pending on this Buffer: the op would overwrite the rows still in
+// flight. The peers are told at once (an abort hello for the op's sequence
+// number) instead of timing out.
+__device__ __forceinline__ int CheckedRank(const GroupView& g, const int32_t* rank_ptr, int op) {
+  const int rank = CheckedRankAlive(g, rank_ptr, op);
+  char* own = PeerAt(g, rank);
+  const volatile uint32_t* pending = At<volatile uint32_t>(own, kPendingReceiveOffset);
+  const uint32_t pending_seq = pending[0];
+  if (pending_seq != 0) {
+    const int pending_op = static_cast<int>(pending[1]);
+    const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+    const int t = static_cast<int>(threadIdx.x);
+    if (blockIdx.x == 0 && t < g.num_ranks && t != rank) {
+      StoreReleaseSysU64(At<uint64_t>(PeerAt(g, t), kHelloOffset) + (seq & 1) * kMaxRanks + rank,
+                         PackHello(seq, kOpAbort, 0));
+    }
+    Fail(g, kFaultReceivePending, op, rank, rank, pending_op, pending_seq);
+  }
+  return rank;
+}
+
+// ---------------------------------------------------------------------------
+// Cross-rank ordering (see intranode.cu's header): hellos, flags, op ends.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint64_t FlagValue(uint32_t seq, int64_t low) {
+  return (static_cast<uint64_t>(seq) << 32) | static_cast<uint32_t>(low);
+}
+
+// Waits for rank `src`'s hello for this op in our header; a hello for the same
+// sequence number but another op, other shapes or an abort is fatal.
+static __device__ void WaitHello(const GroupView& g, char* own, int par, int src, uint64_t want,
+                                 int op, int me, uint32_t seq, int64_t timeout_ns) {
+  const uint64_t* slot = At<uint64_t>(own, kHelloOffset) + par * kMaxRanks + src;
+  Deadline dl(timeout_ns);
+  while (true) {
+    const uint64_t v = LoadAcquireSysU64(slot);
+    if (v == want) return;
+    if (HelloSeq(v) == seq) {
+      const int other = HelloOp(v);
+      const int kind = other == kOpAbort ? kFaultPeerAborted
+                       : other != op     ? kFaultOpMismatch
+                                         : kFaultShapeMismatch;
+      Fail(g, kind, op, me, src, other, seq);
+    }
+    if (dl.Expired()) Fail(g, kFaultTimeout, op, me, src, kOpNone, seq);
+  }
+}
+
+// Every peer writes this rank's hello slot for the op (block 0, warp 0); with
+// `self`, this rank's own slot too (for blocks that wait on their own block 0).
+static __device__ void SendHellos(const GroupView& g, int par, int me, uint64_t hello, int lane,
+                                  bool self = false) {
+  if (lane < g.num_ranks && (self || lane != me)) {
+    StoreReleaseSysU64(At<uint64_t>(PeerAt(g, lane), kHelloOffset) + par * kMaxRanks + me, hello);
+  }
+}
+
+// The last block to finish advances the rank's sequence number. `pending`: a
+// low-latency op's {seq, op} to mark its receive as pending, {0, 0} to clear
+// it (a receive), nullptr to leave it.
+static __device__ void FinishOp(char* own, uint32_t seq, const uint32_t* pending = nullptr) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    uint32_t* ticket = At<uint32_t>(own, kDoneTicketOffset);
+    if (atomicAdd(ticket, 1u) == gridDim.x - 1) {
+      *ticket = 0;
+      if (pending != nullptr) {
+        volatile uint32_t* p = At<volatile uint32_t>(own, kPendingReceiveOffset);
+        p[0] = pending[0];
+        p[1] = pending[1];
+      }
+      *At<volatile uint32_t>(own, kSeqOffset) = seq;
+    }
+  }
+}
+
+// 28-bit digest of an op's shapes, carried by its hello: ranks that run the
+// same op on different shapes stop instead of exchanging wrong rows.
+inline uint32_t ShapeHash(std::initializer_list<int64_t> dims) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t d : dims) {
+    h ^= static_cast<uint64_t>(d);
+    h *= 1099511628211ull;
+  }
+  return static_cast<uint32_t>(h ^ (h >> 32)) & 0x0fffffffu;
 }
 
 // Element traits for reductions: unpack a 16-byte vector to floats and back.

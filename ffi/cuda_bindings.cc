@@ -18,6 +18,15 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCombine);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpClock);
+// Defined in low_latency_handlers.cc.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCachedDispatchRecv);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCachedDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombine);
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -49,6 +58,12 @@ std::string FaultText(const Fault& f) {
     case kFaultDestroyed: return op + " used a Buffer after destroy()";
     case kFaultHandleMismatch:
       return op + " on rank " + r + ": a row from rank " + p + " does not match the handle";
+    case kFaultReceivePending:
+      return op + " on rank " + r + ": the " + other + " sent before it was not received yet "
+             "(call its recv_fn first)";
+    case kFaultNothingToReceive:
+      return op + " on rank " + r + ": nothing to receive (its send must be the last jax_ep op "
+             "on this Buffer before it)";
     default: return op + " failed on rank " + r;
   }
 }
@@ -63,6 +78,14 @@ void BindCuda(nb::module_& m) {
     d["jax_ep_cached_dispatch"] = EncapsulateHandler(JaxEpCachedDispatch);
     d["jax_ep_combine"] = EncapsulateHandler(JaxEpCombine);
     d["jax_ep_clock"] = EncapsulateHandler(JaxEpClock);
+    d["jax_ep_ll_dispatch_send"] = EncapsulateHandler(JaxEpLowLatencyDispatchSend);
+    d["jax_ep_ll_dispatch_recv"] = EncapsulateHandler(JaxEpLowLatencyDispatchRecv);
+    d["jax_ep_ll_cached_dispatch_recv"] = EncapsulateHandler(JaxEpLowLatencyCachedDispatchRecv);
+    d["jax_ep_ll_combine_send"] = EncapsulateHandler(JaxEpLowLatencyCombineSend);
+    d["jax_ep_ll_combine_recv"] = EncapsulateHandler(JaxEpLowLatencyCombineRecv);
+    d["jax_ep_ll_dispatch"] = EncapsulateHandler(JaxEpLowLatencyDispatch);
+    d["jax_ep_ll_cached_dispatch"] = EncapsulateHandler(JaxEpLowLatencyCachedDispatch);
+    d["jax_ep_ll_combine"] = EncapsulateHandler(JaxEpLowLatencyCombine);
     return d;
   });
 

@@ -37,6 +37,24 @@ inline ffi::Error CudaError(const char* op, const char* what, cudaError_t err) {
                                                    cudaGetErrorString(err) + ")");
 }
 
+// Typed operands (also keep commas out of the binding macros).
+using I32x0 = ffi::BufferR0<ffi::S32>;
+using I32x1 = ffi::Buffer<ffi::S32, 1>;
+using I32x2 = ffi::Buffer<ffi::S32, 2>;
+using F32x2 = ffi::Buffer<ffi::F32, 2>;
+using PredX2 = ffi::Buffer<ffi::PRED, 2>;
+using U32x0 = ffi::BufferR0<ffi::U32>;
+using U64x0 = ffi::BufferR0<ffi::U64>;
+
+inline int64_t EltBytes(RowType t) { return t == RowType::kBF16 ? 2 : 4; }
+
+inline ffi::Error CheckTimeout(const char* op, int64_t timeout_ns) {
+  if (timeout_ns <= 0) {
+    return Invalid(op, "timeout_ns must be positive, got " + std::to_string(timeout_ns));
+  }
+  return ffi::Error::Success();
+}
+
 inline std::string ShapeString(ffi::AnyBuffer::Dimensions dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? "," : "") + std::to_string(dims[i]);

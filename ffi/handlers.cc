@@ -48,24 +48,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::IntranodeAttrs,
 
 namespace jax_ep {
 
-// Typed operands (also keep commas out of the binding macros below).
-using I32x0 = ffi::BufferR0<ffi::S32>;
-using I32x1 = ffi::Buffer<ffi::S32, 1>;
-using I32x2 = ffi::Buffer<ffi::S32, 2>;
-using F32x2 = ffi::Buffer<ffi::F32, 2>;
-using PredX2 = ffi::Buffer<ffi::PRED, 2>;
-using U64x0 = ffi::BufferR0<ffi::U64>;
-
 namespace {
-
-int64_t EltBytes(RowType t) { return t == RowType::kBF16 ? 2 : 4; }
-
-ffi::Error CheckTimeout(const char* op, int64_t timeout_ns) {
-  if (timeout_ns <= 0) {
-    return Invalid(op, "timeout_ns must be positive, got " + std::to_string(timeout_ns));
-  }
-  return ffi::Error::Success();
-}
 
 // ---------------------------------------------------------------------------
 ffi::Error LayoutImpl(cudaStream_t stream, int32_t device, I32x2 topk_idx,

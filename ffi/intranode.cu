@@ -98,10 +98,6 @@ struct FlagEntry {
 // ---------------------------------------------------------------------------
 // Small device helpers.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ uint64_t FlagValue(uint32_t seq, int64_t low) {
-  return (static_cast<uint64_t>(seq) << 32) | static_cast<uint32_t>(low);
-}
-
 // Receive rows that hold data: the routed count, capped at the capacity M.
 __device__ __forceinline__ int64_t ValidRows(int32_t num_recv_tokens, int64_t M) {
   const int64_t n = num_recv_tokens < 0 ? 0 : num_recv_tokens;
@@ -113,26 +109,6 @@ __device__ __forceinline__ int PeerIndex(int d, int at) { return d < at ? d : d 
 __device__ __forceinline__ uint32_t ChunkBytes(const Plan& p, int64_t row_bytes, int c) {
   return static_cast<uint32_t>(c + 1 < p.num_chunks ? p.chunk_bytes
                                                     : row_bytes - c * p.chunk_bytes);
-}
-
-// Waits for rank `src`'s hello for this op in our header; a hello for the same
-// sequence number but another op, other shapes or an abort is fatal.
-__device__ void WaitHello(const GroupView& g, char* own, int par, int src, uint64_t want, int op,
-                          int me, uint32_t seq, int64_t timeout_ns) {
-  const uint64_t* slot = At<uint64_t>(own, kHelloOffset) + par * kMaxRanks + src;
-  Deadline dl(timeout_ns);
-  while (true) {
-    const uint64_t v = LoadAcquireSysU64(slot);
-    if (v == want) return;
-    if (HelloSeq(v) == seq) {
-      const int other = HelloOp(v);
-      const int kind = other == kOpAbort ? kFaultPeerAborted
-                       : other != op     ? kFaultOpMismatch
-                                         : kFaultShapeMismatch;
-      Fail(g, kind, op, me, src, other, seq);
-    }
-    if (dl.Expired()) Fail(g, kFaultTimeout, op, me, src, kOpNone, seq);
-  }
 }
 
 // Waits until every bulk group but the newest `keep` of this thread completed.
@@ -165,26 +141,6 @@ __device__ int WaitReadyRun(int64_t v, int64_t end, int64_t step, IsReady is_rea
     }
     if (dl.Expired() && lane == 0) on_timeout();
     __syncwarp();
-  }
-}
-
-// Every peer writes this rank's hello slot for the op (block 0, warp 0).
-__device__ void SendHellos(const GroupView& g, int par, int me, uint64_t hello, int lane) {
-  if (lane < g.num_ranks && lane != me) {
-    StoreReleaseSysU64(At<uint64_t>(PeerAt(g, lane), kHelloOffset) + par * kMaxRanks + me, hello);
-  }
-}
-
-// The last block to finish advances the rank's sequence number.
-__device__ void FinishOp(char* own, uint32_t seq) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    uint32_t* ticket = At<uint32_t>(own, kDoneTicketOffset);
-    if (atomicAdd(ticket, 1u) == gridDim.x - 1) {
-      *ticket = 0;
-      *At<volatile uint32_t>(own, kSeqOffset) = seq;
-    }
   }
 }
 
@@ -1102,17 +1058,6 @@ Plan MakePlan(int64_t row_bytes, bool use_hist, int num_sms, int ranks_on_device
   p.hist_offset = p.flag_ring_offset + flags;
   p.smem_bytes = p.hist_offset + hist;
   return p;
-}
-
-// 28-bit digest of an op's shapes, carried by its hello: ranks that run the
-// same op on different shapes stop instead of exchanging wrong rows.
-uint32_t ShapeHash(std::initializer_list<int64_t> dims) {
-  uint64_t h = 1469598103934665603ull;
-  for (int64_t d : dims) {
-    h ^= static_cast<uint64_t>(d);
-    h *= 1099511628211ull;
-  }
-  return static_cast<uint32_t>(h ^ (h >> 32)) & 0x0fffffffu;
 }
 
 template <typename Kernel, typename Args>

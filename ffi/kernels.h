@@ -138,6 +138,79 @@ cudaError_t Combine(const CombineArgs& a, cudaStream_t stream);
 cudaError_t Preload();
 }  // namespace intranode
 
+// The low-latency ops (DeepEP's decode path): fixed shapes, T =
+// num_max_dispatch_tokens_per_rank slots per source rank, every op a send
+// kernel and a receive kernel so that other work can run in between
+// (return_recv_hook). The grid is one block per SM (shared among the ranks on
+// the GPU): decoding leaves the GPU to these ops while they run.
+namespace low_latency {
+struct DispatchSendArgs {
+  GroupView group;
+  const void* x;            // [N, row_bytes]
+  const int32_t* topk_idx;  // [N, K] global expert ids (outside [0, E): none)
+  const float* weights;     // [N, K], or null (the cached dispatch of autodiff)
+  const int32_t* rank;      // [] device scalar
+  uint32_t* ticket;         // [] the op's sequence number, for the receive
+  int64_t num_tokens;       // N <= T
+  int64_t num_max_tokens;   // T
+  int64_t row_bytes;        // multiple of 16
+  int num_topk, num_experts;
+  int64_t timeout_ns;
+};
+
+// Routing from the ids (dispatch) or from a handle (cached dispatch).
+struct DispatchRecvArgs {
+  GroupView group;
+  const uint32_t* ticket;          // the send's
+  const int32_t* rank;
+  const int32_t* src_slot_in;      // cached: the handle's [E_local, R*T], else null
+  // Receive rows [E_local, R*T]: the first head_bytes of each row go to
+  // recv_x, the next tail_bytes (a multiple of 4) to recv_tail if not null
+  // (FP8 rows: the FP8 values, then their scales, as two outputs).
+  void* recv_x;                    // [E_local, R*T, head_bytes]
+  void* recv_tail;                 // [E_local, R*T, tail_bytes], or null
+  int64_t head_bytes, tail_bytes;  // head_bytes a multiple of 16
+  int32_t* recv_count;             // [E_local] (not cached)
+  int32_t* src_slot;               // [E_local, R*T] (not cached)
+  int32_t* recv_slot;              // [R*T, K] (not cached)
+  RowType row_type;                // cached with weights: how to scale a row
+  bool weighted;                   // cached: scale copy (s, i, k) by the sender's weight
+  int64_t num_max_tokens, row_bytes;
+  int num_topk, num_experts;
+  int64_t timeout_ns;
+};
+
+struct CombineSendArgs {
+  GroupView group;
+  const void* y;               // [E_local, R*T, H]
+  const float* weights;        // [N, K] (this rank's tokens), or null: all ones
+  const int32_t* recv_slot;    // the handle's [R*T, K]
+  const int32_t* rank;
+  uint32_t* ticket;
+  RowType row_type;
+  int64_t num_tokens, num_max_tokens, hidden;
+  int num_topk, num_experts;
+  int64_t timeout_ns;
+};
+
+struct CombineRecvArgs {
+  GroupView group;
+  const uint32_t* ticket;
+  const int32_t* rank;
+  void* out;  // [N, H]
+  RowType row_type;
+  int64_t num_tokens, num_max_tokens, hidden;
+  int num_topk;
+  int64_t timeout_ns;
+};
+
+cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream);
+cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream);
+cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream);
+cudaError_t CombineRecv(const CombineRecvArgs& a, cudaStream_t stream);
+cudaError_t Preload();
+}  // namespace low_latency
+
 // The op entry points the handlers call: local with one rank, else intranode.
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream);
 cudaError_t LaunchCachedDispatch(const CachedDispatchArgs& a, cudaStream_t stream);

@@ -39,6 +39,7 @@ cudaError_t PreloadKernels() {
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, ClockKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(layout::Preload());
   JAX_EP_CUDA_RETURN_IF_ERROR(local::Preload());
+  JAX_EP_CUDA_RETURN_IF_ERROR(low_latency::Preload());
   return intranode::Preload();
 }
 

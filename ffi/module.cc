@@ -51,6 +51,10 @@ NB_MODULE(_C, m) {
         nb::arg("num_tokens"), nb::arg("num_worst_tokens"), nb::arg("hidden"),
         nb::arg("num_topk"), nb::arg("elt_bytes"),
         "Bytes of communication buffer one GPU needs (ffi/buffer_layout.h).");
+  m.def("low_latency_bytes_needed", &jax_ep::LowLatencyBytesNeeded, nb::arg("num_ranks"),
+        nb::arg("num_max_tokens"), nb::arg("num_topk"), nb::arg("data_row_bytes"),
+        "Bytes of communication buffer one GPU needs for the low-latency ops, with "
+        "data_row_bytes = max(dispatched row bytes, 4 * hidden) (ffi/buffer_layout.h).");
   // Limits, from their one home (ffi/buffer_layout.h).
   m.attr("MAX_RANKS") = jax_ep::kMaxRanks;
   m.attr("MAX_TOPK") = jax_ep::kMaxTopK;

@@ -8,10 +8,11 @@ weighted combine ``C_w`` are each other's transposes. So:
 - LL dispatch is a ``custom_jvp`` (it also computes the routing) whose tangent
   is ``D_1`` of the tangent, a ``linear_call``: its gradient is the unweighted
   combine ``C_1`` of the cotangent (each token's copies summed).
-- LL combine is ``linear_call(C_w, D_w)`` with the weights as a residual: the
-  gradient in ``y`` is ``D_w`` of the cotangent (zero past the counts); the
-  dependence on the weights goes through ``linear_call``'s residual JVP, which
-  differentiates ``C_w`` itself.
+- LL combine is bilinear in ``(y, w)``, a ``custom_jvp`` whose tangent is
+  ``C_w(y_dot) + C_{w_dot}(y)``: ``linear_call(C_w, D_w)`` (gradient in ``y``:
+  ``D_w`` of the cotangent, zero past the counts) plus a ``linear_call`` whose
+  transpose dots the cotangent's copies with ``y``'s rows (gradient in ``w``).
+  Nothing differentiates a backend's own code, so the cuda kernels need none.
 
 FP8 dispatch is not differentiable (quantization has no useful derivative);
 ``dispatch_dequantized`` gives the MoE layer a straight-through derivative
@@ -78,7 +79,7 @@ def _pair(impl, weighted: bool):
 
     def send(residuals, operands):
       handle, _, w = split(residuals)
-      return (impl.cached_dispatch(operands[0], handle, w),)
+      return (impl.cached_dispatch(operands[0], handle, w, residuals[3]),)
 
     def back(residuals, operands):
       handle, num_tokens, w = split(residuals)
@@ -92,8 +93,7 @@ def _dispatch_fn(impl, num_max_tokens: int, num_experts: int):
   def make():
     @jax.custom_jvp
     def dispatch(x, topk_idx):
-      state = impl.dispatch_send(x, topk_idx, num_max_tokens)
-      return impl.dispatch_recv(state, num_experts)
+      return impl.dispatch(x, topk_idx, num_max_tokens, num_experts)
 
     def jvp(primals, tangents):
       x, topk_idx = primals
@@ -116,10 +116,72 @@ def low_latency_dispatch(impl, x, topk_idx, num_max_tokens, num_experts):
   return _dispatch_fn(impl, num_max_tokens, num_experts)(x, topk_idx)
 
 
+def _weight_pair(impl):
+  """(w -> C_w(y), its transpose) for a fixed ``y``: combine is linear in the
+  weights too. Residuals: the handle's leaves, topk_idx, then y."""
+  def make():
+    def split(residuals):
+      return LowLatencyHandle(*residuals[:3]), residuals[3], residuals[4]
+
+    def forward(residuals, operands):
+      handle, topk_idx, y = split(residuals)
+      return (impl.combine(y, handle, operands[0], topk_idx.shape[0]),)
+
+    def transpose(residuals, operands):
+      # d w[i, k] = <ct_i, y_row(i, k)>: the cotangent's copies (an unweighted
+      # cached dispatch) dotted with y's rows on the experts' ranks; each dot
+      # goes home as column k of a row that is zero elsewhere, so an
+      # unweighted combine returns w's layout. Rows past the counts (any
+      # values, NaN included) are selected away, never multiplied.
+      handle, topk_idx, y = split(residuals)
+      N, K = topk_idx.shape
+      copies = impl.cached_dispatch(operands[0], handle, None, topk_idx)
+      valid = handle.src_slot >= 0
+      dots = jnp.where(valid, jnp.sum(copies.astype(jnp.float32) *
+                                      jnp.where(valid[..., None], y, 0).astype(jnp.float32),
+                                      axis=-1), 0.0)
+      width = -(-K // 4) * 4  # float32 rows of whole 16-byte vectors
+      column = jnp.where(valid, handle.src_slot % K, -1)
+      rows = jnp.where(column[..., None] == jnp.arange(width), dots[..., None], 0.0)
+      return (impl.combine(rows, handle, None, N)[:, :K],)
+
+    return forward, transpose
+  return _ops._cached_on(impl, ("ll_weight_pair",), make)
+
+
+def _combine_fn(impl):
+  """Combine as a bilinear map of (y, weights): its JVP is C_w(y_dot) +
+  C_{w_dot}(y), each a linear_call with a known transpose, so the gradients
+  need no differentiation through a backend's code (the cuda kernels have
+  none)."""
+  def make():
+    send, back = _pair(impl, weighted=True)
+    w_forward, w_transpose = _weight_pair(impl)
+
+    @jax.custom_jvp
+    def combine(y, weights, topk_idx, src_slot, recv_slot, recv_count):
+      residuals = (src_slot, recv_slot, recv_count, topk_idx, weights)
+      return linear_call(back, send, residuals, (y,))[0]
+
+    def jvp(primals, tangents):
+      y, weights, topk_idx, *leaves = primals
+      y_dot, w_dot = tangents[:2]
+      out = combine(*primals)
+      terms = []
+      if not _ops._is_zero(y_dot):
+        terms += linear_call(back, send, tuple(leaves) + (topk_idx, weights), (y_dot,))
+      if not _ops._is_zero(w_dot):
+        terms += linear_call(w_forward, w_transpose, tuple(leaves) + (topk_idx, y), (w_dot,))
+      t = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+      return out, t.astype(out.dtype)
+
+    combine.defjvp(jvp, symbolic_zeros=True)
+    return combine
+  return _ops._cached_on(impl, ("ll_combine",), make)
+
+
 def low_latency_combine(impl, y, topk_idx, weights, handle):
-  send, back = _pair(impl, weighted=True)
-  (out,) = linear_call(back, send, _leaves(handle) + (topk_idx, weights), (y,))
-  return out
+  return _combine_fn(impl)(y, weights, topk_idx, *_leaves(handle))
 
 
 def _fp8_not_differentiable(fn, op):
@@ -144,9 +206,8 @@ def low_latency_dispatch_fp8(impl, x, topk_idx, num_max_tokens, num_experts):
 
   def run(x, topk_idx):
     q, s = _fp8.quantize_fp8(x)
-    state = impl.dispatch_send(_fp8.pack_rows(q, s), topk_idx, num_max_tokens)
-    recv, count, handle = impl.dispatch_recv(state, num_experts)
-    return _fp8.unpack_rows(recv, H), count, handle
+    return impl.dispatch(_fp8.pack_rows(q, s), topk_idx, num_max_tokens, num_experts,
+                         split=H)
 
   return _fp8_not_differentiable(run, "low_latency_dispatch")(x, topk_idx)
 

@@ -171,8 +171,11 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   axis = mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)
   R = mesh.size
   N, H, K, E = num_tokens, hidden, num_topk, num_experts
-  nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16)
-            if backend == "cuda" else None)
+  nbytes = None
+  if backend == "cuda":
+    nbytes = (jax_ep.Buffer.get_low_latency_buffer_size_hint(N, H, R, K)
+              if mode == "low_latency" else
+              jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16))
   buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
   rng = np.random.default_rng(seed)
   idxs = [ept.random_routing(rng, N, K, E, none_fraction=0.0, invalid_fraction=0.0)

@@ -122,6 +122,15 @@ class Buffer:
     return buffer_bytes_needed(num_ranks, num_tokens, capacity, hidden, num_topk,
                                jnp.dtype(dtype).itemsize)
 
+  @staticmethod
+  def get_low_latency_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_topk: int) -> int:
+    """Bytes of CUDA communication buffer one GPU needs for the low-latency ops
+    at this shape (bf16, f32 or FP8 dispatch, and combine)."""
+    from jax_ep.backends.cuda import low_latency_bytes_needed
+    return low_latency_bytes_needed(num_ranks, num_max_dispatch_tokens_per_rank, num_topk,
+                                    4 * hidden)
+
   # -- ops (call inside shard_map over axis_name) -----------------------------
   def get_dispatch_layout(self, topk_idx: jax.Array,
                           num_experts: int) -> DispatchLayout:
@@ -284,12 +293,17 @@ class Buffer:
         f"for now.")
 
   def _low_latency_impl(self, op: str):
-    if self.backend != "xla":
-      raise self._unsupported(op, "the low-latency mode")
     impl = self.__dict__.get("_ll_impl")
     if impl is None:
-      from jax_ep.backends.xla_ll import XlaLowLatency
-      impl = self._ll_impl = XlaLowLatency(self.axis_name, self.num_ranks)
+      if self.backend == "xla":  # one axis or two: all_to_all takes both
+        from jax_ep.backends.xla_ll import XlaLowLatency
+        impl = XlaLowLatency(self.axis_name, self.num_ranks)
+      elif hasattr(self._backend, "low_latency"):  # cuda over one axis
+        impl = self._backend.low_latency()
+      else:
+        two = " over two mesh axes" if isinstance(self.axis_name, tuple) else ""
+        raise self._unsupported(op, "the low-latency mode" + two)
+      self._ll_impl = impl
     return impl
 
   def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array,
@@ -316,7 +330,7 @@ class Buffer:
       ``(token, k)`` routed to it (no dedup per rank), ordered by (source rank,
       source token, k); later rows are unspecified. With ``use_fp8``, ``recv_x``
       is ``(x_fp8 [E_local, R*T, H] float8_e4m3fn, scales [E_local, R*T, H/128]
-      float32)``. Only the xla backend has this op so far.
+      float32)``. The xla and cuda backends have this op.
     """
     from jax_ep import _ll_ops, fp8
     op = "low_latency_dispatch"
@@ -337,11 +351,10 @@ class Buffer:
     # Split form: the same computation cut after the collective (autodiff is
     # JAX's own through the xla code).
     rows = fp8.pack_rows(*fp8.quantize_fp8(x)) if use_fp8 else x
-    state = impl.dispatch_send(rows, topk_idx, T)
+    state = impl.dispatch_send(rows, topk_idx, T, num_experts)
 
     def recv_fn():
-      recv, count, handle = impl.dispatch_recv(state, num_experts)
-      return (fp8.unpack_rows(recv, H) if use_fp8 else recv), count, handle
+      return impl.dispatch_recv(state, num_experts, split=H if use_fp8 else 0)
     return state, recv_fn
 
   def low_latency_combine(self, y: jax.Array, topk_idx: jax.Array,

@@ -25,19 +25,6 @@ def _case(rng, R, N, H, K, E, dtype, routing=None):
   return xs, idxs, ws
 
 
-def _combine_tolerance(ys, ref, ws, N, dtype):
-  """Output rounding to ``dtype`` (unit roundoff 2^-8 for bf16, 2^-24 for f32)
-  plus float32 reassociation of the K-term sum (the op sums a rank's copies
-  first): at most 2 K 2^-24 of the sum of |terms|, computed by the reference
-  on absolute values."""
-  R = len(ys)
-  K = ws[0].shape[1]
-  u = 2.0 ** -8 if dtype == jnp.bfloat16 else 2.0 ** -24
-  abs_terms = ept.reference_low_latency_combine([np.abs(y) for y in ys], ref,
-                                                [np.abs(w) for w in ws], N)
-  return [2 * K * 2.0 ** -24 * abs_terms[s] for s in range(R)], u
-
-
 LL_CASES = [  # R, N, T, H, K, E, dtype
     (8, 5, 8, 128, 4, 16, jnp.bfloat16),   # N < T; two experts a rank: repeats on a rank
     (4, 6, 6, 64, 1, 8, jnp.bfloat16),     # K = 1, N = T
@@ -48,54 +35,11 @@ LL_CASES = [  # R, N, T, H, K, E, dtype
 
 @pytest.mark.parametrize("R,N,T,H,K,E,dtype", LL_CASES)
 def test_low_latency_dispatch_and_combine_match_reference(R, N, T, H, K, E, dtype):
-  rng = np.random.default_rng([R, N, T, H, K, E])
-  mesh = ept.make_mesh(R)
-  buf = jax_ep.Buffer(mesh, "ep", backend="xla")
-  xs, idxs, ws = _case(rng, R, N, H, K, E, dtype)
-  El, rows = E // R, R * T
-  ys = [_bf16(rng.standard_normal((El, rows, H))) for _ in range(R)]
-
-  def dispatch(x, idx):
-    return buf.low_latency_dispatch(x.astype(dtype), idx, num_max_dispatch_tokens_per_rank=T,
-                                    num_experts=E)
-
-  def combine(y, idx, w, handle, poison):
-    y = y.astype(dtype)
-    # Rows past the counts: NaN/Inf (poison) or zeros; the output must not change.
-    past = jnp.arange(rows)[None, :, None] >= handle.recv_count[:, None, None]
-    bad = jnp.where(poison, jnp.array(jnp.nan, dtype), jnp.array(0, dtype))
-    bad = jnp.where((jnp.arange(H) % 2 == 0) & poison, jnp.array(jnp.inf, dtype), bad)
-    out = buf.low_latency_combine(jnp.where(past, bad, y), idx, w, handle)
-    return out
-
-  # The handle leaves one jitted shard_map and enters another.
-  got = ept.run_per_rank(dispatch, mesh, xs, idxs)
-  ref = ept.reference_low_latency_dispatch(xs, idxs, T, E)
-  for r in range(R):
-    recv_x, count, handle = got[r]
-    assert recv_x.shape == (El, rows, H) and recv_x.dtype == dtype
-    np.testing.assert_array_equal(count, ref[r]["recv_count"], f"rank {r}")
-    for e in range(El):
-      n = count[e]  # bit-exact rows, in (source rank, token, k) order
-      np.testing.assert_array_equal(recv_x[e, :n].astype(F32), ref[r]["recv_x"][e, :n],
-                                    f"rank {r} expert {e}")
-  leaves = [[g[2].src_slot for g in got], [g[2].recv_slot for g in got],
-            [g[2].recv_count for g in got]]
-  outs = {}
-  for poison in (False, True):
-    outs[poison] = ept.run_per_rank(
-        lambda y, i, w, a, b, c, p: combine(y, i, w, jax_ep.LowLatencyHandle(a, b, c), p[0]),
-        mesh, ys, idxs, ws, *leaves, [np.array([poison])] * R)
-  want = ept.reference_low_latency_combine(ys, ref, ws, N)
-  slack, u = _combine_tolerance(ys, ref, ws, N, dtype)
-  for r in range(R):
-    np.testing.assert_array_equal(outs[True][r], outs[False][r], f"rank {r}: padding leaked")
-    out = outs[False][r].astype(F32)
-    assert outs[False][r].dtype == dtype
-    err = np.abs(out - want[r])
-    assert (err <= u * np.abs(want[r]) + slack[r]).all(), f"rank {r}: {err.max()}"
-    none = ~((idxs[r] >= 0) & (idxs[r] < E)).any(1)
-    assert (out[none] == 0).all()
+  # The same check the GPU suite runs on the cuda backend.
+  res = ept.check_low_latency(0, 1, seed=R * 100 + N, num_ranks=R, num_tokens=N,
+                              num_max_tokens=T, hidden=H, num_topk=K, num_experts=E,
+                              dtype=jnp.dtype(dtype).name, backend="xla")
+  assert res["ranks"] == list(range(R)) and res["copies"] > 0
 
 
 def test_low_latency_repeated_ids_and_capacity():
@@ -329,10 +273,6 @@ def test_low_latency_trace_time_errors():
   ragged = jax_ep.Buffer(mesh, "ep", backend="ragged")
   with pytest.raises(NotImplementedError, match="low_latency_dispatch.*backend='xla'"):
     run(lambda b, x, i: b.low_latency_dispatch(x, i, 8, E)[0], b=ragged)
-  fake_cuda = jax_ep.Buffer(mesh, "ep", backend="xla")
-  fake_cuda.backend = "cuda"  # the check keys on the backend's name
-  with pytest.raises(NotImplementedError, match="'cuda' backend.*backend='xla'"):
-    run(lambda b, x, i: b.low_latency_dispatch(x, i, 8, E)[0], b=fake_cuda)
   with pytest.raises(NotImplementedError, match="not differentiable"):
     run(lambda b, x, i: jax.grad(lambda x: b.low_latency_dispatch(
         x, i, 8, E, use_fp8=True)[0][1].sum())(x.astype(jnp.float32)))

@@ -27,12 +27,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_gpu_check}
 mkdir -p "$OUT"
 stages=${*:-build faults tests bench sanitizer}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 PY=${PYTHON:-python3}
 NGPU=$(nvidia-smi -L | wc -l)
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
-FAULT_TESTS="timeout or different_ops or stale_layout or after_destroy"
+FAULT_TESTS="timeout or different_ops or stale_layout or after_destroy or pending_receive"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 [ "$NGPU" -gt 1 ] && nvidia-smi topo -m | head -$((NGPU + 1)) | tee -a "$OUT/card.txt"

@@ -9,6 +9,7 @@ semantics are in ``docs/design.md``.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import sys
 import threading
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep import _ext, _ops
-from jax_ep.handles import DispatchHandle, DispatchLayout
+from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
 DEFAULT_NUM_SMS = 24
@@ -47,6 +48,15 @@ def buffer_bytes_needed(num_ranks: int, num_tokens: int, num_worst_tokens: int,
   """Bytes of communication buffer per GPU for one shape (``ffi/buffer_layout.h``)."""
   return int(_ext.load_required().buffer_bytes_needed(
       num_ranks, num_tokens, num_worst_tokens, hidden, num_topk, elt_bytes))
+
+
+def low_latency_bytes_needed(num_ranks: int, num_max_tokens: int, num_topk: int,
+                             data_row_bytes: int) -> int:
+  """Bytes of communication buffer per GPU for the low-latency ops, with
+  ``data_row_bytes`` the larger of a dispatched row's bytes and ``4 * hidden``
+  (combine's float32 partial sums); ``ffi/buffer_layout.h``."""
+  return int(_ext.load_required().low_latency_bytes_needed(
+      num_ranks, num_max_tokens, num_topk, data_row_bytes))
 
 
 def _register_targets(c) -> None:
@@ -121,12 +131,19 @@ def byte_rows_as_bf16(rows):
   if wp != w:
     rows = jnp.pad(rows, ((0, 0), (0, wp - w)))
   view = lax.bitcast_convert_type(rows.reshape(n, wp // 2, 2), jnp.bfloat16)
+  return view, lambda received: bf16_rows_as_bytes(received, w)
 
-  def restore(received):
-    back = lax.bitcast_convert_type(received, jnp.uint8)  # [M, W'/2, 2]
-    return back.reshape(received.shape[0], wp)[:, :w]
 
-  return view, restore
+def _fp8_dtype():
+  from jax_ep import fp8
+  return fp8.FP8_DTYPE
+
+
+def bf16_rows_as_bytes(received, width: int):
+  """The inverse of ``byte_rows_as_bf16``: ``[..., W'/2]`` bfloat16 rows back to
+  their first ``width`` bytes, ``[..., width]`` uint8."""
+  back = lax.bitcast_convert_type(received, jnp.uint8)  # [..., W'/2, 2]
+  return back.reshape(received.shape[:-1] + (-1,))[..., :width]
 
 
 class CudaBackend:
@@ -234,6 +251,10 @@ class CudaBackend:
 
   def destroy(self) -> None:
     self._finalizer()
+
+  def low_latency(self) -> "CudaLowLatency":
+    """The low-latency ops on this Buffer's communication buffer."""
+    return CudaLowLatency(self)
 
   # -- trace-time checks ----------------------------------------------------------
   def _check_shape(self, op, num_tokens, capacity, hidden, num_topk, dtype):
@@ -343,6 +364,203 @@ class CudaBackend:
         y, w, handle.send_pos, handle.recv_src_idx, handle.recv_src_rank,
         handle.num_recv_tokens.reshape(()), self._rank(), **self._attrs(has_weights=weights is not None))
     return out, (out_w if weights is not None else None)
+
+
+# --------------------------------------------------------------------------
+# The low-latency mode (ffi/low_latency.cu).
+
+@dataclasses.dataclass(frozen=True)
+class CudaLowLatencyState:
+  """A low-latency send in flight: the send's ticket (its sequence number,
+  the receive's operand) and the static facts the receive needs."""
+
+  ticket: jax.Array   # [] uint32
+  num_max_tokens: int
+  num_topk: int
+  num_experts: int
+  row_dtype: str      # what was sent: bfloat16, float32, or uint8 (FP8 rows)
+  row_width: int      # elements (bytes for uint8) per sent row
+
+
+jax.tree_util.register_dataclass(
+    CudaLowLatencyState, data_fields=["ticket"],
+    meta_fields=["num_max_tokens", "num_topk", "num_experts", "row_dtype", "row_width"])
+
+
+class CudaLowLatency:
+  """``low_latency_dispatch`` / ``low_latency_combine`` on our kernels, with the
+  interface of ``xla_ll.XlaLowLatency`` (``_ll_ops`` adds the checks and
+  autodiff), on the Buffer's communication buffer.
+
+  A plain op is one custom call (send and receive kernels back to back). The
+  split form (``*_send`` / ``*_recv``) is two: XLA orders custom calls by data
+  alone, so between a send and its receive it may schedule any work that does
+  not depend on them, including another jax_ep op of the same Buffer; such an
+  op stops with "the low_latency_... sent before it was not received yet"
+  (one low-latency op in flight per Buffer: use two Buffers for two).
+  """
+
+  name = "cuda"
+
+  def __init__(self, backend: "CudaBackend"):
+    self._b = backend
+    self.axis_name = backend.axis_name
+    self.num_ranks = backend.num_ranks
+
+  def _attrs(self, *, num_experts, num_max_tokens, num_topk, has_weights=False):
+    """``LowLatencyAttrs`` in ffi/low_latency_handlers.cc."""
+    b = self._b
+    return dict(buffer_id=np.int64(b.buffer_id), num_ranks=np.int64(self.num_ranks),
+                num_experts=np.int64(num_experts), num_max_tokens=np.int64(num_max_tokens),
+                num_topk=np.int64(num_topk), timeout_ns=np.int64(b.timeout_ns),
+                has_weights=np.bool_(has_weights))
+
+  def _check_bytes(self, op, num_max_tokens, num_topk, data_row_bytes):
+    if num_topk > self._b._c.MAX_TOPK:
+      raise ValueError(f"jax_ep.{op}: the cuda backend supports num_topk <= "
+                       f"{self._b._c.MAX_TOPK}, got {num_topk}.")
+    need = low_latency_bytes_needed(self.num_ranks, num_max_tokens, num_topk, data_row_bytes)
+    if need > self._b.num_bytes:
+      raise ValueError(
+          f"jax_ep.{op}: this shape needs {need} bytes of communication buffer per GPU "
+          f"but the Buffer has num_nvl_bytes={self._b.num_bytes}; make the Buffer with "
+          f"num_nvl_bytes=Buffer.get_low_latency_buffer_size_hint(...) or more.")
+
+  def _rows_to_send(self, rows, num_max_tokens, num_topk):
+    """(rows as the kernels move them, the inverse for received rows): FP8 byte
+    rows ride as bfloat16 (``byte_rows_as_bf16``)."""
+    op = "low_latency_dispatch"
+    if rows.dtype == jnp.uint8:
+      view, restore = byte_rows_as_bf16(rows)
+    else:
+      if rows.shape[1] * rows.dtype.itemsize % 16:
+        raise ValueError(f"jax_ep.{op}: the cuda backend needs rows of a multiple of 16 "
+                         f"bytes; hidden={rows.shape[1]} x {rows.dtype.itemsize} bytes "
+                         f"is not.")
+      view, restore = rows, (lambda received: received)
+    self._check_bytes(op, num_max_tokens, num_topk, view.shape[1] * view.dtype.itemsize)
+    return view, restore
+
+  def _check_combine(self, y, num_max_tokens, num_topk):
+    H = y.shape[-1]
+    if H * y.dtype.itemsize % 16:
+      raise ValueError(f"jax_ep.low_latency_combine: the cuda backend needs rows of a "
+                       f"multiple of 16 bytes; hidden={H} x {y.dtype.itemsize} bytes is not.")
+    self._check_bytes("low_latency_combine", num_max_tokens, num_topk, 4 * H)
+
+  def _recv_shapes(self, num_experts, num_max_tokens, num_topk, view, split):
+    """The receive's outputs: rows (or, with ``split``, FP8 values and scales)
+    and the handle's leaves."""
+    El, rows, i32 = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, jnp.int32
+    if split:
+      out = (jax.ShapeDtypeStruct((El * rows, split), jnp.uint8),
+             jax.ShapeDtypeStruct((El * rows, split // 128), jnp.float32))
+    else:
+      out = (jax.ShapeDtypeStruct((El * rows, view.shape[1]), view.dtype),
+             jax.ShapeDtypeStruct((0, 0), jnp.float32))
+    return out + (jax.ShapeDtypeStruct((El,), i32), jax.ShapeDtypeStruct((El, rows), i32),
+                  jax.ShapeDtypeStruct((rows, num_topk), i32))
+
+  def _received(self, recv, tail, count, src_slot, recv_slot, restore, split):
+    El, rows = src_slot.shape
+    if split:  # already apart: no pass over the [E_local, R*T, ...] outputs
+      recv = (lax.bitcast_convert_type(recv, _fp8_dtype()).reshape(El, rows, split),
+              tail.reshape(El, rows, split // 128))
+    else:
+      recv = restore(recv.reshape(El, rows, recv.shape[-1]))
+    return recv, count, LowLatencyHandle(src_slot, recv_slot, count)
+
+  # -- dispatch ------------------------------------------------------------------
+  def dispatch(self, rows, topk_idx, num_max_tokens, num_experts, split=0):
+    """``(recv [E_local, R*T, W], recv_count [E_local], handle)`` for ``rows
+    [N, W]`` (bfloat16, float32, or uint8 FP8 rows), in one custom call. With
+    ``split`` = H (FP8 rows packed by ``fp8.pack_rows``), ``recv`` is the pair
+    ``(values float8_e4m3fn [.., H], scales float32 [.., H/128])``."""
+    K = topk_idx.shape[1]
+    view, restore = self._rows_to_send(rows, num_max_tokens, K)
+    _, *outs = self._b._call(
+        "jax_ep_ll_dispatch",
+        (jax.ShapeDtypeStruct((), jnp.uint32),) + self._recv_shapes(
+            num_experts, num_max_tokens, K, view, split),
+        view, topk_idx, self._b._rank(),
+        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
+    return self._received(*outs, restore, split)
+
+  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts):
+    """The split form's send; ``dispatch_recv`` finishes it."""
+    K = topk_idx.shape[1]
+    view, restore = self._rows_to_send(rows, num_max_tokens, K)
+    (ticket,) = self._b._call(
+        "jax_ep_ll_dispatch_send", (jax.ShapeDtypeStruct((), jnp.uint32),), view, topk_idx,
+        _or_empty(None, K), jnp.zeros((), jnp.int32), self._b._rank(),
+        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
+    return CudaLowLatencyState(ticket, num_max_tokens, K, num_experts,
+                               jnp.dtype(rows.dtype).name, rows.shape[1])
+
+  def dispatch_recv(self, state: CudaLowLatencyState, num_experts, split=0):
+    T, K, width = state.num_max_tokens, state.num_topk, state.row_width
+    if state.row_dtype == "uint8":  # as _rows_to_send sent them
+      view = jax.ShapeDtypeStruct((1, -(-width // 16) * 8), jnp.bfloat16)
+      restore = lambda received: bf16_rows_as_bytes(received, width)
+    else:
+      view = jax.ShapeDtypeStruct((1, width), state.row_dtype)
+      restore = lambda received: received
+    outs = self._b._call(
+        "jax_ep_ll_dispatch_recv", self._recv_shapes(num_experts, T, K, view, split),
+        state.ticket, self._b._rank(),
+        **self._attrs(num_experts=num_experts, num_max_tokens=T, num_topk=K))
+    return self._received(*outs, restore, split)
+
+  def cached_dispatch(self, x, handle: LowLatencyHandle, weights=None, topk_idx=None):
+    """``x [N, H]`` along ``handle``, zeros past the counts, copy ``(i, k)``
+    scaled by ``weights[i, k]`` if given (autodiff's linear maps). ``topk_idx``
+    (the dispatch's) says where rows must go."""
+    El, rows = handle.src_slot.shape
+    R, K = self.num_ranks, handle.recv_slot.shape[1]
+    view, restore = self._rows_to_send(x, rows // R, K)
+    _, recv = self._b._call(
+        "jax_ep_ll_cached_dispatch",
+        (jax.ShapeDtypeStruct((), jnp.uint32),
+         jax.ShapeDtypeStruct((El * rows, view.shape[1]), view.dtype)),
+        view, topk_idx, _or_empty(weights, K), handle.src_slot, self._b._rank(),
+        **self._attrs(num_experts=El * R, num_max_tokens=rows // R, num_topk=K,
+                      has_weights=weights is not None))
+    return restore(recv.reshape(El, rows, view.shape[1]))
+
+  # -- combine -------------------------------------------------------------------
+  def combine(self, y, handle, weights, num_tokens):
+    """``out [N, H]``: each token's copies weighted and summed in float32 on the
+    experts' ranks, the partial sums added at home in rank order; one call."""
+    El, rows, H = y.shape
+    R, K = self.num_ranks, handle.recv_slot.shape[1]
+    self._check_combine(y, rows // R, K)
+    _, out = self._b._call(
+        "jax_ep_ll_combine",
+        (jax.ShapeDtypeStruct((), jnp.uint32), jax.ShapeDtypeStruct((num_tokens, H), y.dtype)),
+        y.reshape(El * rows, H), _or_empty(weights, K), handle.recv_slot, self._b._rank(),
+        **self._attrs(num_experts=El * R, num_max_tokens=rows // R, num_topk=K,
+                      has_weights=weights is not None))
+    return out
+
+  def combine_send(self, y, handle: LowLatencyHandle, weights=None):
+    """The split form's send: the partial sums go home; ``combine_recv`` adds them."""
+    El, rows, H = y.shape
+    R, K = self.num_ranks, handle.recv_slot.shape[1]
+    self._check_combine(y, rows // R, K)
+    (ticket,) = self._b._call(
+        "jax_ep_ll_combine_send", (jax.ShapeDtypeStruct((), jnp.uint32),),
+        y.reshape(El * rows, H), _or_empty(weights, K), handle.recv_slot, self._b._rank(),
+        **self._attrs(num_experts=El * R, num_max_tokens=rows // R, num_topk=K,
+                      has_weights=weights is not None))
+    return CudaLowLatencyState(ticket, rows // R, K, El * R, jnp.dtype(y.dtype).name, H)
+
+  def combine_recv(self, state: CudaLowLatencyState, num_tokens, dtype):
+    T, K, H = state.num_max_tokens, state.num_topk, state.row_width
+    (out,) = self._b._call(
+        "jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((num_tokens, H), state.row_dtype),),
+        state.ticket, self._b._rank(),
+        **self._attrs(num_experts=state.num_experts, num_max_tokens=T, num_topk=K))
+    return out.astype(dtype)
 
 
 def device_clock(after):

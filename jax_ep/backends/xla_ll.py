@@ -77,8 +77,9 @@ class XlaLowLatency:
     return _exchange(jnp.broadcast_to(a[None], (R,) + a.shape), self.axis_name)
 
   # -- dispatch ------------------------------------------------------------------
-  def dispatch_send(self, rows, topk_idx, num_max_tokens):
-    """Issue the exchange of ``rows [N, W]`` (any dtype) and ``topk_idx [N, K]``."""
+  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts=None):
+    """Issue the exchange of ``rows [N, W]`` (any dtype) and ``topk_idx [N, K]``
+    (every rank gets every row, so ``num_experts`` is not needed)."""
     T = num_max_tokens
     return LowLatencyDispatchState(self._broadcast(_pad_rows(rows, T, 0)),
                                    self._broadcast(_pad_rows(topk_idx, T, -1)))
@@ -107,19 +108,29 @@ class XlaLowLatency:
     recv_slot = jnp.where(keep, flat, -1).astype(jnp.int32).reshape(rows, K)
     return LowLatencyHandle(src_slot.reshape(El, rows), recv_slot, recv_count)
 
-  def dispatch_recv(self, state: LowLatencyDispatchState, num_experts):
-    """``(recv [E_local, R*T, W], recv_count [E_local], handle)`` from the exchange."""
+  def dispatch_recv(self, state: LowLatencyDispatchState, num_experts, split=0):
+    """``(recv [E_local, R*T, W], recv_count [E_local], handle)`` from the exchange.
+    ``split`` = H: the rows are FP8 rows packed by ``fp8.pack_rows``, and
+    ``recv`` is ``(values [.., H] float8_e4m3fn, scales [.., H/128] float32)``."""
     R, T, W = state.rows.shape
     K = state.ids.shape[2]
     handle = self.routing(state.ids, num_experts)
     # Rows past the count read row 0: unspecified by the contract, not zeroed.
     src_row = jnp.maximum(handle.src_slot, 0) // K
     recv = state.rows.reshape(R * T, W)[src_row]
+    if split:
+      from jax_ep import fp8
+      recv = fp8.unpack_rows(recv, split)
     return recv, handle.recv_count, handle
 
-  def cached_dispatch(self, x, handle: LowLatencyHandle, weights=None):
+  def dispatch(self, rows, topk_idx, num_max_tokens, num_experts, split=0):
+    return self.dispatch_recv(self.dispatch_send(rows, topk_idx, num_max_tokens), num_experts,
+                              split)
+
+  def cached_dispatch(self, x, handle: LowLatencyHandle, weights=None, topk_idx=None):
     """Dispatch ``x [N, H]`` along ``handle`` with rows past the counts zero; with
     ``weights [N, K]`` each copy of ``(token, k)`` is scaled by ``weights[i, k]``.
+    (``topk_idx``, the dispatch's, is for backends that send only where needed.)
 
     The exact transpose of ``combine`` (hence zeroed padding): autodiff uses it.
     """

@@ -103,6 +103,18 @@ def test_fp8_dispatch_moves_bytes_exactly(model, num_ranks, hidden):
   assert ranks_checked(res) == list(range(num_ranks))
 
 
+LOW_LATENCY = [("emulated", 1), ("emulated", 2), ("emulated", 4), ("emulated", 8), ("one", 2),
+               ("per-gpu", 2), ("per-gpu", 4)]
+
+
+@pytest.mark.parametrize("model,num_ranks", LOW_LATENCY)
+def test_low_latency_matches_reference(model, num_ranks):
+  # bf16 + FP8, f32, drops past R*T rows, and (R <= 2) DeepEP's decode shape.
+  res = run("jax_ep.testing:check_low_latency_cases", model, num_ranks)
+  assert ranks_checked(res) == list(range(num_ranks))
+  assert all(r["dropped"] for r in res), "no case dropped copies"
+
+
 @pytest.mark.parametrize("command_buffers", [False, True])
 def test_timeout_names_op_and_rank(command_buffers):
   outputs = run("jax_ep.testing:check_timeout", "emulated", 2, expect_failure=True,
@@ -130,6 +142,16 @@ def test_ranks_running_different_ops_stop(model):
   assert any(code != 0 for code, _, _ in outputs), text[-4000:]
   assert ("jax_ep: dispatch on rank 0 met combine from rank 1" in text or
           "jax_ep: combine on rank 1 met dispatch from rank 0" in text), text[-4000:]
+
+
+def test_op_during_a_pending_receive_stops():
+  outputs = run("jax_ep.testing:check_receive_pending", "emulated", 2, expect_failure=True,
+                timeout_s=120)
+  text = _messages(outputs)
+  assert any(code != 0 for code, _, _ in outputs), text[-4000:]
+  assert ("jax_ep: dispatch on rank 0: the low_latency_dispatch sent before it was not "
+          "received yet" in text or "jax_ep: dispatch on rank 1: the low_latency_dispatch "
+          "sent before it was not received yet" in text), text[-4000:]
 
 
 def test_stale_layout_is_an_error():

@@ -1,0 +1,532 @@
+// Low-latency dispatch and combine (DeepEP's decode path) over peer-mapped
+// buffers: fixed shapes, and every op a send kernel and a receive kernel so
+// that other work can run between them (return_recv_hook). See
+// docs/design.md "Low-latency mode" and buffer_layout.h for the regions.
+//
+// Dispatch. The send kernel writes each token's row once into every rank that
+// holds any of its experts (a row per (token, rank), not per (token, k): the
+// receiver makes the copies, so only distinct rows cross the link), together
+// with the token's ids, at slot (source rank, token) of that rank's buffer, and
+// flags the slot. Tokens a rank does not need still get their ids and flag
+// there, so the receiver hears from every slot of every source. The receive
+// kernel waits for all R*T flags, numbers each local expert's copies in
+// (source, token, k) order (one block per expert, a block-wide prefix sum over
+// the ids) and copies the rows into recv_x, grouped by expert.
+//
+// Combine. The send kernel adds up, on the expert's rank, each token's local
+// copies weighted in float32 (the weights are read from the home rank's
+// buffer, where it put them before its hello) and writes that one float32
+// partial sum into the home rank's buffer, flagged with whether there was any.
+// The receive kernel adds the partials of every rank in rank order. Float32
+// on the wire keeps the whole sum in float32; per-copy bf16 rows (DeepEP's
+// choice) would cross the link K/R times over. backends/xla_ll.py moves the
+// same rows and partials with all-to-alls and is the oracle.
+//
+// Ordering. A send opens with a hello like every op (intranode.cu) and ends by
+// marking its receive pending (FinishOp); the receive finds the sequence
+// number in the send's ticket, checks that the send was the Buffer's last op,
+// and clears the mark. Every other op refuses to start while a receive is
+// pending (CheckedRank), so nothing can overwrite rows in flight.
+#include <algorithm>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace jax_ep {
+namespace low_latency {
+namespace {
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+// 16-byte loads in flight per lane when a warp copies a row.
+constexpr int kCopyUnroll = 8;
+// Copies of one token summed per round of loads in the combine.
+constexpr int kSumUnroll = 8;
+
+// One block per SM, shared among the ranks on the GPU: every block waits for
+// peers, so all ranks' blocks must be resident at once.
+int Grid(const GroupView& g) {
+  return std::max(1, DeviceSmCount() / std::max(1, g.ranks_on_device));
+}
+
+// Exclusive prefix sum of `v` over the block (all threads call it); `scratch`
+// holds kWarps + 1 ints. Also returns the block's total.
+__device__ int BlockExclusiveSum(int v, int* scratch, int* total) {
+  const int lane = LaneId(), warp = WarpId();
+  int inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int n = __shfl_up_sync(kFullMask, inc, o);
+    if (lane >= o) inc += n;
+  }
+  if (lane == 31) scratch[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    const int w = lane < kWarps ? scratch[lane] : 0;
+    int wi = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(kFullMask, wi, o);
+      if (lane >= o) wi += n;
+    }
+    if (lane < kWarps) scratch[lane] = wi - w;
+    if (lane == kWarps - 1) scratch[kWarps] = wi;
+  }
+  __syncthreads();
+  const int out = scratch[warp] + inc - v;
+  *total = scratch[kWarps];
+  __syncthreads();  // scratch may be reused
+  return out;
+}
+
+// A warp copies one row of n16 16-byte vectors. `kPeerWritten`: the source
+// was written by peers during the op (L2 loads), else it is an XLA operand.
+template <bool kPeerWritten>
+__device__ __forceinline__ void WarpCopyRow(int4* dst, const int4* src, int64_t n16, int lane) {
+  for (int64_t base = 0; base < n16; base += 32 * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int64_t j = base + lane + 32 * u;
+      if (j < n16) v[u] = kPeerWritten ? LoadCg16(src + j) : LoadNc16(src + j);
+    }
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int64_t j = base + lane + 32 * u;
+      if (j < n16) dst[j] = v[u];
+    }
+  }
+}
+
+// A warp writes w * row (rounded to the row's type) for a peer-written row.
+template <typename T>
+__device__ __forceinline__ void WarpScaleRow(int4* dst, const int4* src, float w, int64_t n16,
+                                             int lane) {
+  using Traits = VecTraits<T>;
+  for (int64_t j = lane; j < n16; j += 32) {
+    float f[Traits::kElems];
+    Traits::ToFloats(LoadCg16(src + j), f);
+#pragma unroll
+    for (int e = 0; e < Traits::kElems; ++e) f[e] = __fmul_rn(w, f[e]);
+    Store16(dst + j, Traits::Pack(f));
+  }
+}
+
+// A receive's entry check: the send whose ticket it holds was this Buffer's
+// last op (its receive is pending). Returns the op's sequence number.
+__device__ uint32_t CheckedReceive(const GroupView& g, char* own, const uint32_t* ticket, int op,
+                                   int me) {
+  const volatile uint32_t* pending = At<volatile uint32_t>(own, kPendingReceiveOffset);
+  const uint32_t seq = *reinterpret_cast<const volatile uint32_t*>(ticket);
+  const uint32_t pending_seq = pending[0];
+  const int pending_op = static_cast<int>(pending[1]);
+  if (seq == 0 || pending_seq != seq || pending_op != op) {
+    Fail(g, kFaultNothingToReceive, op, me, me, pending_op, pending_seq);
+  }
+  return seq;
+}
+
+// Spins until `flag` carries `seq`; returns its low word. A timeout names
+// rank `peer`.
+__device__ uint32_t WaitFlag(const GroupView& g, const uint64_t* flag, uint32_t seq, int op,
+                             int me, int peer, int64_t timeout_ns) {
+  Deadline dl(timeout_ns);
+  while (true) {
+    const uint64_t v = LoadAcquireSysU64(flag);
+    if (HelloSeq(v) == seq) return static_cast<uint32_t>(v);
+    if (dl.Expired()) Fail(g, kFaultTimeout, op, me, peer, kOpNone, seq);
+  }
+}
+
+// Slot (s, i, k) of a handle's recv_slot: the flat row e * R*T + r of y that
+// holds the copy, or -1 (none, or not a row of y: a foreign handle).
+__device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, int64_t y_rows) {
+  const int32_t r = __ldg(recv_slot + j);
+  return r >= 0 && r < y_rows ? r : -1;
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch, send: task (token i, rank d) per warp.
+// ---------------------------------------------------------------------------
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
+  const GroupView& g = a.group;
+  const int op = kOpLowLatencyDispatch;
+  const int me = CheckedRank(g, a.rank, op);
+  const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
+  char* own = PeerAt(g, me);
+  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  const int par = seq & 1;
+  const uint64_t hello = PackHello(seq, op, shape_hash);
+  const int64_t N = a.num_tokens, T = a.num_max_tokens, row_bytes = a.row_bytes;
+  const int K = a.num_topk, E = a.num_experts, El = E / R;
+  const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, row_bytes);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.ticket = seq;
+  if (blockIdx.x == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+  if (warp == 0 && lane < R && lane != me) {
+    WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
+  }
+  __syncthreads();
+
+  const char* x = static_cast<const char*>(a.x);
+  const int64_t n16 = row_bytes / 16;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < T * R; t += step) {
+    const int64_t i = t / R;
+    const int d = static_cast<int>(t % R);
+    char* dst = PeerAt(g, d);
+    const int64_t slot0 = (me * T + i) * K;
+    bool routed = false;
+    for (int k0 = 0; k0 < K; k0 += 32) {
+      const int k = k0 + lane;
+      int32_t id = -1;
+      if (k < K) {
+        if (i < N) id = __ldg(a.topk_idx + i * K + k);
+        At<int32_t>(dst, reg.ids)[slot0 + k] = id;
+        if (a.weights != nullptr) {
+          At<float>(dst, reg.weights)[slot0 + k] = i < N ? __ldg(a.weights + i * K + k) : 0.f;
+        }
+      }
+      routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
+    }
+    if (routed) {
+      WarpCopyRow<false>(reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes),
+                         reinterpret_cast<const int4*>(x + i * row_bytes), n16, lane);
+    }
+    // Every lane's stores, then the flag (release by lane 0 after the warp's).
+    FenceAcqRelSys();
+    __syncwarp();
+    if (lane == 0) {
+      FenceAcqRelSys();
+      StoreRelaxedSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
+    }
+  }
+  const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
+  FinishOp(own, seq, pending);
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch, receive: local expert per block. kCached: the routing comes from
+// the handle (src_slot), rows past the count are zeros, and copies may be
+// scaled by their weights (the transpose of a weighted combine).
+// ---------------------------------------------------------------------------
+template <bool kCached>
+__global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const DispatchRecvArgs a) {
+  const GroupView& g = a.group;
+  const int op = kOpLowLatencyDispatch;
+  const int me = CheckedRankAlive(g, a.rank, op);
+  char* own = PeerAt(g, me);
+  const uint32_t seq = CheckedReceive(g, own, a.ticket, op, me);
+  const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t T = a.num_max_tokens, rows = R * T, row_bytes = a.row_bytes;
+  const int K = a.num_topk, E = a.num_experts, El = E / R;
+  const int64_t S = rows * K;  // slots
+  const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, row_bytes);
+
+  // Every slot of every source has arrived (each block reads all the ids).
+  const uint64_t* flags = At<uint64_t>(own, reg.flags);
+  for (int64_t f = tid; f < rows; f += kThreads) {
+    WaitFlag(g, flags + f, seq, op, me, static_cast<int>(f / T), a.timeout_ns);
+  }
+  __syncthreads();
+
+  const int32_t* ids = At<const int32_t>(own, reg.ids);
+  const float* slot_weights = At<const float>(own, reg.weights);
+  const char* arrived = own + reg.data;
+  char* recv_x = static_cast<char*>(a.recv_x);
+  char* recv_tail = static_cast<char*>(a.recv_tail);
+  const int64_t head16 = a.head_bytes / 16, tail4 = recv_tail != nullptr ? a.tail_bytes / 4 : 0;
+  // First every expert of this block gets its list of slots (one block-wide
+  // prefix sum each), then all the block's warps copy all their rows.
+  __shared__ int scratch[kWarps + 1];
+  if (!kCached) {
+    for (int e = blockIdx.x; e < El; e += gridDim.x) {
+      // Rank of each of e's slots among them, in slot order: a prefix sum over
+      // contiguous chunks of the ids, one chunk per thread.
+      const int eg = me * El + e;
+      const int64_t chunk = (S + kThreads - 1) / kThreads;
+      const int64_t lo = min(S, tid * chunk), hi = min(S, lo + chunk);
+      int mine = 0;
+      for (int64_t j = lo; j < hi; ++j) mine += __ldcg(ids + j) == eg;
+      int total;
+      int pos = BlockExclusiveSum(mine, scratch, &total);
+      for (int64_t j = lo; j < hi; ++j) {
+        if (__ldcg(ids + j) != eg) continue;
+        if (pos < rows) {
+          a.src_slot[e * rows + pos] = static_cast<int32_t>(j);
+          a.recv_slot[j] = static_cast<int32_t>(e * rows + pos);
+        } else {
+          a.recv_slot[j] = -1;  // past R*T copies (an id repeated in a row): dropped
+        }
+        ++pos;
+      }
+      const int64_t count = min(static_cast<int64_t>(total), rows);
+      for (int64_t p = count + tid; p < rows; p += kThreads) a.src_slot[e * rows + p] = -1;
+      if (tid == 0) a.recv_count[e] = static_cast<int32_t>(count);
+    }
+    __syncthreads();
+  }
+  // Row j of the concatenation of this block's experts' rows goes to warp j % kWarps.
+  int64_t first = warp;
+  for (int e = blockIdx.x; e < El; e += gridDim.x) {
+    const int32_t* list = (kCached ? a.src_slot_in : a.src_slot) + e * rows;
+    const int64_t count = kCached ? rows : a.recv_count[e];
+    for (int64_t p = first; p < count; p += kWarps) {
+      const int32_t slot = list[p];
+      const int64_t r = e * rows + p;
+      int4* dst = reinterpret_cast<int4*>(recv_x + r * a.head_bytes);
+      float* tail = recv_tail != nullptr ? reinterpret_cast<float*>(recv_tail + r * a.tail_bytes)
+                                         : nullptr;
+      if (slot < 0 || slot >= S) {  // cached only: past the count (or a foreign handle)
+        for (int64_t j = lane; j < head16; j += 32) Store16(dst + j, make_int4(0, 0, 0, 0));
+        for (int64_t j = lane; j < tail4; j += 32) tail[j] = 0.f;
+        continue;
+      }
+      const char* src_row = arrived + (slot / K) * row_bytes;
+      const int4* src = reinterpret_cast<const int4*>(src_row);
+      if (kCached && a.weighted) {
+        const float w = __ldcg(slot_weights + slot);
+        if (a.row_type == RowType::kBF16) {
+          WarpScaleRow<__nv_bfloat16>(dst, src, w, head16, lane);
+        } else {
+          WarpScaleRow<float>(dst, src, w, head16, lane);
+        }
+      } else {
+        WarpCopyRow<true>(dst, src, head16, lane);
+        const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
+        for (int64_t j = lane; j < tail4; j += 32) tail[j] = __ldcg(src_tail + j);
+      }
+    }
+    first = ((first - count) % kWarps + kWarps) % kWarps;
+  }
+  if (!kCached) {  // slots of other ranks' experts, and invalid ids
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + tid; j < S;
+         j += static_cast<int64_t>(gridDim.x) * kThreads) {
+      const int32_t id = __ldcg(ids + j);
+      if (!(id >= 0 && id < E && id / El == me)) a.recv_slot[j] = -1;
+    }
+  }
+  const uint32_t none[2] = {0, 0};
+  FinishOp(own, seq, none);
+}
+
+// ---------------------------------------------------------------------------
+// Combine, send: task (source rank s, token i) per block.
+// ---------------------------------------------------------------------------
+template <typename Elt>
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
+  using Traits = VecTraits<Elt>;
+  const GroupView& g = a.group;
+  const int op = kOpLowLatencyCombine;
+  const int me = CheckedRank(g, a.rank, op);
+  const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
+  const int tid = static_cast<int>(threadIdx.x);
+  char* own = PeerAt(g, me);
+  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  const int par = seq & 1;
+  const uint64_t hello = PackHello(seq, op, shape_hash);
+  const int64_t N = a.num_tokens, T = a.num_max_tokens, rows = R * T, H = a.hidden;
+  const int K = a.num_topk, El = a.num_experts / R;
+  const int64_t y_rows = El * rows, in_row = H * static_cast<int64_t>(sizeof(Elt));
+  const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, 4 * H);
+  const bool weighted = a.weights != nullptr;
+  if (blockIdx.x == 0) {
+    // This rank's weights, for the peers to read once they see the hello.
+    if (tid == 0) *a.ticket = seq;
+    if (weighted) {
+      float* w = At<float>(own, reg.weights);
+      for (int64_t j = tid; j < N * K; j += kThreads) w[j] = __ldg(a.weights + j);
+    }
+    FenceAcqRelSys();
+    __syncthreads();
+    if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
+  }
+  if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
+  __syncthreads();
+
+  const char* y = static_cast<const char*>(a.y);
+  const int64_t n16 = in_row / 16;
+  __shared__ int32_t copy_row[kMaxTopK];
+  __shared__ float copy_weight[kMaxTopK];
+  __shared__ int num_copies;
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    const int s = static_cast<int>(t / T);
+    const int64_t i = t % T;
+    char* home = PeerAt(g, s);
+    if (warp == 0) {  // this token's copies here, in k order, with their weights
+      const int32_t r = lane < K ? CopyRow(a.recv_slot, t * K + lane, y_rows) : -1;
+      const unsigned have = __ballot_sync(kFullMask, r >= 0);
+      if (r >= 0) {
+        const int at = __popc(have & ((1u << lane) - 1u));
+        copy_row[at] = r;
+        copy_weight[at] = weighted ? __ldcg(At<const float>(home, reg.weights) + i * K + lane) : 1.f;
+      }
+      if (lane == 0) num_copies = __popc(have);
+    }
+    __syncthreads();
+    const int nc = num_copies;
+    if (nc > 0) {
+      float* partial = At<float>(home, reg.data) + (me * T + i) * H;
+      for (int64_t v = tid; v < n16; v += kThreads) {
+        float acc[Traits::kElems];
+#pragma unroll
+        for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
+        for (int c0 = 0; c0 < nc; c0 += kSumUnroll) {
+          int4 in[kSumUnroll];
+#pragma unroll
+          for (int u = 0; u < kSumUnroll; ++u) {
+            if (c0 + u < nc) {
+              in[u] = LoadNc16(reinterpret_cast<const int4*>(y + copy_row[c0 + u] * in_row) + v);
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kSumUnroll; ++u) {
+            if (c0 + u < nc) {
+              float f[Traits::kElems];
+              Traits::ToFloats(in[u], f);
+              const float w = copy_weight[c0 + u];
+              // The order and roundings of xla_ll.combine_send: acc + (w * y).
+#pragma unroll
+              for (int e = 0; e < Traits::kElems; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(w, f[e]));
+            }
+          }
+        }
+        int4* out = reinterpret_cast<int4*>(partial + v * Traits::kElems);
+#pragma unroll
+        for (int q = 0; q < Traits::kElems / 4; ++q) {
+          Store16(out + q, VecTraits<float>::Pack(acc + 4 * q));
+        }
+      }
+    }
+    __syncthreads();  // copy_row is rewritten for the next token
+  }
+  // The block's partial sums, then its flags: (token, whether any copy was here).
+  FenceAcqRelSys();
+  __syncthreads();
+  bool fenced = false;
+  for (int64_t t = blockIdx.x + static_cast<int64_t>(tid) * gridDim.x; t < rows;
+       t += static_cast<int64_t>(kThreads) * gridDim.x) {
+    if (!fenced) {
+      FenceAcqRelSys();
+      fenced = true;
+    }
+    bool any = false;
+    for (int k = 0; k < K; ++k) any |= CopyRow(a.recv_slot, t * K + k, y_rows) >= 0;
+    const int s = static_cast<int>(t / T);
+    const int64_t i = t % T;
+    const int64_t low = i | (any ? (int64_t{1} << 31) : 0);
+    StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, s), reg.flags) + me * T + i, FlagValue(seq, low));
+  }
+  const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
+  FinishOp(own, seq, pending);
+}
+
+// ---------------------------------------------------------------------------
+// Combine, receive: token per block; the partials of every rank in rank order.
+// ---------------------------------------------------------------------------
+template <typename Elt>
+__global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRecvArgs a) {
+  using Traits = VecTraits<Elt>;
+  const GroupView& g = a.group;
+  const int op = kOpLowLatencyCombine;
+  const int me = CheckedRankAlive(g, a.rank, op);
+  char* own = PeerAt(g, me);
+  const uint32_t seq = CheckedReceive(g, own, a.ticket, op, me);
+  const int R = g.num_ranks;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t N = a.num_tokens, T = a.num_max_tokens, H = a.hidden;
+  // The flags and partial sums; K only places regions it does not use.
+  const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, a.num_topk, 4 * H);
+  const uint64_t* flags = At<uint64_t>(own, reg.flags);
+  const float* partials = At<const float>(own, reg.data);
+  char* out = static_cast<char*>(a.out);
+  const int64_t n16 = H * static_cast<int64_t>(sizeof(Elt)) / 16;  // output vectors per row
+  __shared__ int has[kMaxRanks];
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    if (tid < R) {
+      const uint32_t low = WaitFlag(g, flags + tid * T + i, seq, op, me, tid, a.timeout_ns);
+      has[tid] = (low >> 31) & 1u;
+    }
+    __syncthreads();
+    for (int64_t v = tid; v < n16; v += kThreads) {
+      float acc[Traits::kElems];
+#pragma unroll
+      for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
+      for (int d = 0; d < R; ++d) {
+        if (!has[d]) continue;  // a zero partial: adding it changes nothing
+        const int4* p = reinterpret_cast<const int4*>(partials + (d * T + i) * H +
+                                                      v * Traits::kElems);
+#pragma unroll
+        for (int q = 0; q < Traits::kElems / 4; ++q) {
+          float f[4];
+          VecTraits<float>::ToFloats(LoadCg16(p + q), f);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[4 * q + e] = __fadd_rn(acc[4 * q + e], f[e]);
+        }
+      }
+      Store16(reinterpret_cast<int4*>(out + i * H * static_cast<int64_t>(sizeof(Elt))) + v,
+              Traits::Pack(acc));
+    }
+    __syncthreads();
+  }
+  const uint32_t none[2] = {0, 0};
+  FinishOp(own, seq, none);
+}
+
+}  // namespace
+
+cudaError_t Preload() {
+  cudaFuncAttributes attr;
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchSendKernel));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<false>));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineSendKernel<__nv_bfloat16>));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineSendKernel<float>));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>));
+  return cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
+}
+
+cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream) {
+  const uint32_t hash = ShapeHash({a.num_max_tokens, a.num_topk, a.row_bytes, a.num_experts,
+                                   a.weights != nullptr});
+  DispatchSendKernel<<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
+  if (a.src_slot_in != nullptr) {
+    DispatchRecvKernel<true><<<Grid(a.group), kThreads, 0, stream>>>(a);
+  } else {
+    DispatchRecvKernel<false><<<Grid(a.group), kThreads, 0, stream>>>(a);
+  }
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream) {
+  const uint32_t hash = ShapeHash({a.num_max_tokens, a.num_topk, a.hidden, a.num_experts,
+                                   static_cast<int64_t>(a.row_type), a.weights != nullptr});
+  if (a.row_type == RowType::kBF16) {
+    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+  } else {
+    CombineSendKernel<float><<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+  }
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t CombineRecv(const CombineRecvArgs& a, cudaStream_t stream) {
+  if (a.row_type == RowType::kBF16) {
+    CombineRecvKernel<__nv_bfloat16><<<Grid(a.group), kThreads, 0, stream>>>(a);
+  } else {
+    CombineRecvKernel<float><<<Grid(a.group), kThreads, 0, stream>>>(a);
+  }
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+}  // namespace low_latency
+}  // namespace jax_ep
