@@ -175,6 +175,11 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
   return l;
 }
 
+// The low-latency combine stages two partial sums (8 * hidden bytes) in
+// shared memory: hidden <= kMaxLowLatencyHidden.
+constexpr int64_t kMaxLowLatencyCombineSmem = kMaxSmemBytes - 1024;
+constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencyCombineSmem / 8;
+
 JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
                                                   int64_t data_row_bytes) {
   return MakeLowLatencyRegions(R, T, K, data_row_bytes).bytes;

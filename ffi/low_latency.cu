@@ -39,7 +39,7 @@ namespace {
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 // 16-byte loads in flight per lane when a warp copies a row.
-constexpr int kCopyUnroll = 8;
+constexpr int kCopyUnroll = 16;
 // Copies of one token summed per round of loads in the combine.
 constexpr int kSumUnroll = 8;
 
@@ -170,8 +170,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const char* x = static_cast<const char*>(a.x);
   const int64_t n16 = row_bytes / 16;
+  // Task t = (token t / R, rank t % R); consecutive tasks on different SMs.
   const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + warp; t < T * R; t += step) {
+  for (int64_t t = warp * static_cast<int64_t>(gridDim.x) + blockIdx.x; t < T * R; t += step) {
     const int64_t i = t / R;
     const int d = static_cast<int>(t % R);
     char* dst = PeerAt(g, d);
@@ -193,12 +194,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       WarpCopyRow<false>(reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes),
                          reinterpret_cast<const int4*>(x + i * row_bytes), n16, lane);
     }
-    // Every lane's stores, then the flag (release by lane 0 after the warp's).
-    FenceAcqRelSys();
+    // The warp's stores, then the flag: one release by lane 0 after the warp
+    // barrier (cumulative over the lanes' stores; a system fence in every lane
+    // costs far more).
     __syncwarp();
     if (lane == 0) {
-      FenceAcqRelSys();
-      StoreRelaxedSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
+      StoreReleaseSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
     }
   }
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
@@ -267,38 +268,51 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
     }
     __syncthreads();
   }
-  // Row j of the concatenation of this block's experts' rows goes to warp j % kWarps.
-  int64_t first = warp;
-  for (int e = blockIdx.x; e < El; e += gridDim.x) {
-    const int32_t* list = (kCached ? a.src_slot_in : a.src_slot) + e * rows;
-    const int64_t count = kCached ? rows : a.recv_count[e];
-    for (int64_t p = first; p < count; p += kWarps) {
-      const int32_t slot = list[p];
-      const int64_t r = e * rows + p;
-      int4* dst = reinterpret_cast<int4*>(recv_x + r * a.head_bytes);
-      float* tail = recv_tail != nullptr ? reinterpret_cast<float*>(recv_tail + r * a.tail_bytes)
-                                         : nullptr;
-      if (slot < 0 || slot >= S) {  // cached only: past the count (or a foreign handle)
-        for (int64_t j = lane; j < head16; j += 32) Store16(dst + j, make_int4(0, 0, 0, 0));
-        for (int64_t j = lane; j < tail4; j += 32) tail[j] = 0.f;
-        continue;
+  // The block's rows (its experts' in turn) cut into parts of one round of
+  // loads per lane (32 * kCopyUnroll vectors); part j goes to warp j % kWarps,
+  // so that every warp has bytes in flight even when the experts have few rows.
+  const int64_t parts = (head16 + 32 * kCopyUnroll - 1) / (32 * kCopyUnroll);
+  int e = blockIdx.x;
+  int64_t base = 0;  // parts of the experts before e
+  for (int64_t j = warp;; j += kWarps) {
+    int64_t count = 0;
+    while (e < El && j >= base + (count = kCached ? rows : a.recv_count[e]) * parts) {
+      base += count * parts;
+      e += gridDim.x;
+    }
+    if (e >= El) break;
+    const int64_t p = (j - base) / parts, part = (j - base) % parts;
+    const int32_t slot = (kCached ? a.src_slot_in : a.src_slot)[e * rows + p];
+    const int64_t r = e * rows + p;
+    const int64_t v0 = part * 32 * kCopyUnroll;
+    const int64_t nv = min(head16 - v0, static_cast<int64_t>(32 * kCopyUnroll));
+    int4* dst = reinterpret_cast<int4*>(recv_x + r * a.head_bytes) + v0;
+    // The tail (FP8 scales) goes with part 0.
+    float* tail = recv_tail != nullptr && part == 0
+                      ? reinterpret_cast<float*>(recv_tail + r * a.tail_bytes) : nullptr;
+    if (slot < 0 || slot >= S) {  // cached only: past the count (or a foreign handle)
+      for (int64_t v = lane; v < nv; v += 32) Store16(dst + v, make_int4(0, 0, 0, 0));
+      if (tail != nullptr) {
+        for (int64_t v = lane; v < tail4; v += 32) tail[v] = 0.f;
       }
-      const char* src_row = arrived + (slot / K) * row_bytes;
-      const int4* src = reinterpret_cast<const int4*>(src_row);
-      if (kCached && a.weighted) {
-        const float w = __ldcg(slot_weights + slot);
-        if (a.row_type == RowType::kBF16) {
-          WarpScaleRow<__nv_bfloat16>(dst, src, w, head16, lane);
-        } else {
-          WarpScaleRow<float>(dst, src, w, head16, lane);
-        }
+      continue;
+    }
+    const char* src_row = arrived + (slot / K) * row_bytes;
+    const int4* src = reinterpret_cast<const int4*>(src_row) + v0;
+    if (kCached && a.weighted) {
+      const float w = __ldcg(slot_weights + slot);
+      if (a.row_type == RowType::kBF16) {
+        WarpScaleRow<__nv_bfloat16>(dst, src, w, nv, lane);
       } else {
-        WarpCopyRow<true>(dst, src, head16, lane);
+        WarpScaleRow<float>(dst, src, w, nv, lane);
+      }
+    } else {
+      WarpCopyRow<true>(dst, src, nv, lane);
+      if (tail != nullptr) {
         const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
-        for (int64_t j = lane; j < tail4; j += 32) tail[j] = __ldcg(src_tail + j);
+        for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
       }
     }
-    first = ((first - count) % kWarps + kWarps) % kWarps;
   }
   if (!kCached) {  // slots of other ranks' experts, and invalid ids
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + tid; j < S;
@@ -312,12 +326,17 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
 }
 
 // ---------------------------------------------------------------------------
-// Combine, send: task (source rank s, token i) per block.
+// Combine, send: task (source rank s, token i) per block. The block sums the
+// token's copies into a shared-memory stage and one thread pushes it home
+// with a bulk (TMA) store, two stages alternating: the SM keeps a whole
+// partial sum in flight to the peer without holding it in registers (plain
+// per-lane stores made this kernel slower than XLA's all-to-all).
 // ---------------------------------------------------------------------------
 template <typename Elt>
 __global__ void __launch_bounds__(kThreads, 1)
     CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
   using Traits = VecTraits<Elt>;
+  extern __shared__ __align__(128) char smem[];  // two stages of H floats
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
   const int me = CheckedRank(g, a.rank, op);
@@ -339,8 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float* w = At<float>(own, reg.weights);
       for (int64_t j = tid; j < N * K; j += kThreads) w[j] = __ldg(a.weights + j);
     }
-    FenceAcqRelSys();
-    __syncthreads();
+    __syncthreads();  // then the hellos' release stores cover the weights
     if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
   }
   if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
@@ -351,10 +369,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int32_t copy_row[kMaxTopK];
   __shared__ float copy_weight[kMaxTopK];
   __shared__ int num_copies;
-  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+  const int64_t part_bytes = 4 * H;
+  int64_t j = 0;
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x, ++j) {
     const int s = static_cast<int>(t / T);
     const int64_t i = t % T;
     char* home = PeerAt(g, s);
+    float* stage = reinterpret_cast<float*>(smem + (j & 1) * part_bytes);
+    // The store from this stage two tasks ago must have read it.
+    if (tid == 0) BulkWaitRead<1>();
     if (warp == 0) {  // this token's copies here, in k order, with their weights
       const int32_t r = lane < K ? CopyRow(a.recv_slot, t * K + lane, y_rows) : -1;
       const unsigned have = __ballot_sync(kFullMask, r >= 0);
@@ -368,7 +391,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     const int nc = num_copies;
     if (nc > 0) {
-      float* partial = At<float>(home, reg.data) + (me * T + i) * H;
       for (int64_t v = tid; v < n16; v += kThreads) {
         float acc[Traits::kElems];
 #pragma unroll
@@ -393,31 +415,34 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-        int4* out = reinterpret_cast<int4*>(partial + v * Traits::kElems);
+        int4* out = reinterpret_cast<int4*>(stage + v * Traits::kElems);
 #pragma unroll
-        for (int q = 0; q < Traits::kElems / 4; ++q) {
-          Store16(out + q, VecTraits<float>::Pack(acc + 4 * q));
-        }
+        for (int q = 0; q < Traits::kElems / 4; ++q) out[q] = VecTraits<float>::Pack(acc + 4 * q);
+      }
+      FenceProxyAsyncShared();  // the stage's writes, then the bulk store that reads them
+      __syncthreads();
+      if (tid == 0) {
+        BulkStore(At<float>(home, reg.data) + (me * T + i) * H, stage,
+                  static_cast<uint32_t>(part_bytes));
+        BulkCommit();
       }
     }
-    __syncthreads();  // copy_row is rewritten for the next token
+    __syncthreads();  // copy_row and num_copies are rewritten for the next token
   }
-  // The block's partial sums, then its flags: (token, whether any copy was here).
-  FenceAcqRelSys();
-  __syncthreads();
-  bool fenced = false;
-  for (int64_t t = blockIdx.x + static_cast<int64_t>(tid) * gridDim.x; t < rows;
-       t += static_cast<int64_t>(kThreads) * gridDim.x) {
-    if (!fenced) {
-      FenceAcqRelSys();
-      fenced = true;
+  // Once the block's partial sums have landed, its flags: (token, whether any
+  // copy was here).
+  if (tid == 0) {
+    BulkWait<0>();
+    FenceProxyAsyncGlobal();
+    FenceAcqRelSys();
+    for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+      bool any = false;
+      for (int k = 0; k < K; ++k) any |= CopyRow(a.recv_slot, t * K + k, y_rows) >= 0;
+      const int s = static_cast<int>(t / T);
+      const int64_t i = t % T;
+      const int64_t low = i | (any ? (int64_t{1} << 31) : 0);
+      StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, s), reg.flags) + me * T + i, FlagValue(seq, low));
     }
-    bool any = false;
-    for (int k = 0; k < K; ++k) any |= CopyRow(a.recv_slot, t * K + k, y_rows) >= 0;
-    const int s = static_cast<int>(t / T);
-    const int64_t i = t % T;
-    const int64_t low = i | (any ? (int64_t{1} << 31) : 0);
-    StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, s), reg.flags) + me * T + i, FlagValue(seq, low));
   }
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
   FinishOp(own, seq, pending);
@@ -482,8 +507,12 @@ cudaError_t Preload() {
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchSendKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<false>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineSendKernel<__nv_bfloat16>));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineSendKernel<float>));
+  // The combine's send may take the whole shared-memory budget for its stages.
+  const int smem = static_cast<int>(kMaxSmemBytes - 1024);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CombineSendKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CombineSendKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>));
   return cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
 }
@@ -509,10 +538,12 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
 cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream) {
   const uint32_t hash = ShapeHash({a.num_max_tokens, a.num_topk, a.hidden, a.num_experts,
                                    static_cast<int64_t>(a.row_type), a.weights != nullptr});
+  const size_t smem = static_cast<size_t>(8 * a.hidden);  // two stages of H floats
+  if (static_cast<int64_t>(smem) > kMaxLowLatencyCombineSmem) return cudaErrorInvalidValue;
   if (a.row_type == RowType::kBF16) {
-    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, smem, stream>>>(a, hash);
   } else {
-    CombineSendKernel<float><<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+    CombineSendKernel<float><<<Grid(a.group), kThreads, smem, stream>>>(a, hash);
   }
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;

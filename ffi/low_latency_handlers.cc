@@ -213,6 +213,10 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
   }
   JAX_EP_RETURN_IF_FFI_ERROR(ExpectShape(op, "weights", weights, {N, K}));
   JAX_EP_RETURN_IF_FFI_ERROR(ExpectShape(op, "recv_slot", recv_slot, {rows, K}));
+  if (H > kMaxLowLatencyHidden) {
+    return Invalid(op, "hidden " + std::to_string(H) + " is above the low-latency combine's " +
+                           std::to_string(kMaxLowLatencyHidden));
+  }
   JAX_EP_RETURN_IF_FFI_ERROR(Decode(op, device, at, 4 * H, &a.group));
   a.y = y.untyped_data();
   a.weights = at.has_weights ? weights.typed_data() : nullptr;

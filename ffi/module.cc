@@ -59,6 +59,7 @@ NB_MODULE(_C, m) {
   m.attr("MAX_RANKS") = jax_ep::kMaxRanks;
   m.attr("MAX_TOPK") = jax_ep::kMaxTopK;
   m.attr("MAX_SMS") = jax_ep::kMaxBlocks;
+  m.attr("MAX_LOW_LATENCY_HIDDEN") = jax_ep::kMaxLowLatencyHidden;
 #ifdef JAX_EP_WITH_CUDA
   jax_ep::BindCuda(m);
 #endif

@@ -443,6 +443,10 @@ class CudaLowLatency:
 
   def _check_combine(self, y, num_max_tokens, num_topk):
     H = y.shape[-1]
+    if H > self._b._c.MAX_LOW_LATENCY_HIDDEN:
+      raise ValueError(f"jax_ep.low_latency_combine: the cuda backend supports hidden <= "
+                       f"{self._b._c.MAX_LOW_LATENCY_HIDDEN} (its partial sums are staged "
+                       f"in shared memory), got {H}.")
     if H * y.dtype.itemsize % 16:
       raise ValueError(f"jax_ep.low_latency_combine: the cuda backend needs rows of a "
                        f"multiple of 16 bytes; hidden={H} x {y.dtype.itemsize} bytes is not.")
