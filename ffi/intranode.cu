@@ -54,7 +54,9 @@ constexpr int kReduceUnroll = 8;
 // (absent ones zero), the order of jax_ep.backends.xla.pairwise_sum: the
 // backends then agree bit for bit, and a two-axis Buffer's per-node sums are
 // subtrees of it (issue 13). kTreeUnroll loads per rank in flight per lane.
-constexpr int kTreeUnroll = 2;
+// (One: at two the kernel spilled in the two-copy loop every token at R = 2
+// takes, and combine went from 399 to 572 us on two H200s.)
+constexpr int kTreeUnroll = 1;
 static_assert(kMaxRanks == 8, "the reduce's tree has 8 leaves");
 
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): pairwise_sum's order,
@@ -783,6 +785,48 @@ __global__ void __launch_bounds__(kThreads, 1)
   FinishOp(own, seq);
 }
 
+// Three or more copies (R >= 3): the tree over the ranks, kTreeUnroll loads
+// per rank in flight.
+template <typename T>
+__device__ __forceinline__ void TreeSumRow(int4* dst, const int4* const* by_rank, int me,
+                                        int64_t n16, int lane) {
+  using Traits = VecTraits<T>;
+  for (int64_t base = 0; base < n16; base += 32 * kTreeUnroll) {
+    int4 v[kMaxRanks][kTreeUnroll];
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+#pragma unroll
+      for (int u = 0; u < kTreeUnroll; ++u) {
+        const int64_t j = base + lane + 32 * u;
+        v[d][u] = make_int4(0, 0, 0, 0);
+        if (j < n16 && by_rank[d] != nullptr) {
+          v[d][u] = d == me ? LoadNc16(by_rank[d] + j) : LoadCg16(by_rank[d] + j);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTreeUnroll; ++u) {
+      const int64_t j = base + lane + 32 * u;
+      if (j >= n16) continue;
+      // TreeSum8's order, level by level: pairs of ranks, pairs of pairs.
+      float pair[kMaxRanks / 2][Traits::kElems], sum[Traits::kElems];
+#pragma unroll
+      for (int p = 0; p < kMaxRanks / 2; ++p) {
+        float lo[Traits::kElems], hi[Traits::kElems];
+        Traits::ToFloats(v[2 * p][u], lo);
+        Traits::ToFloats(v[2 * p + 1][u], hi);
+#pragma unroll
+        for (int e = 0; e < Traits::kElems; ++e) pair[p][e] = lo[e] + hi[e];
+      }
+#pragma unroll
+      for (int e = 0; e < Traits::kElems; ++e) {
+        sum[e] = (pair[0][e] + pair[1][e]) + (pair[2][e] + pair[3][e]);
+      }
+      Store16(dst + j, Traits::Pack(sum));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Combine: push warps send each received row back to its token's home rank
 // (slot (our peer index there, token)); reduce warps sum every local token's
@@ -960,41 +1004,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       } else {
-        // Three or more: the tree over the ranks, kTreeUnroll loads per rank in flight.
-        for (int64_t base = 0; base < n16; base += 32 * kTreeUnroll) {
-          int4 v[kMaxRanks][kTreeUnroll];
-#pragma unroll
-          for (int d = 0; d < kMaxRanks; ++d) {
-#pragma unroll
-            for (int u = 0; u < kTreeUnroll; ++u) {
-              const int64_t j = base + lane + 32 * u;
-              v[d][u] = make_int4(0, 0, 0, 0);
-              if (j < n16 && by_rank[d] != nullptr) {
-                v[d][u] = d == me ? LoadNc16(by_rank[d] + j) : LoadCg16(by_rank[d] + j);
-              }
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < kTreeUnroll; ++u) {
-            const int64_t j = base + lane + 32 * u;
-            if (j >= n16) continue;
-            // TreeSum8's order, level by level: pairs of ranks, pairs of pairs.
-            float pair[kMaxRanks / 2][Traits::kElems], sum[Traits::kElems];
-#pragma unroll
-            for (int p = 0; p < kMaxRanks / 2; ++p) {
-              float lo[Traits::kElems], hi[Traits::kElems];
-              Traits::ToFloats(v[2 * p][u], lo);
-              Traits::ToFloats(v[2 * p + 1][u], hi);
-#pragma unroll
-              for (int e = 0; e < Traits::kElems; ++e) pair[p][e] = lo[e] + hi[e];
-            }
-#pragma unroll
-            for (int e = 0; e < Traits::kElems; ++e) {
-              sum[e] = (pair[0][e] + pair[1][e]) + (pair[2][e] + pair[3][e]);
-            }
-            Store16(dst + j, Traits::Pack(sum));
-          }
-        }
+        TreeSumRow<T>(dst, by_rank, me, n16, lane);
       }
       if (lane < K) {
         float w[kMaxRanks];  // lane k: weight k of each rank's copy, in the same tree
