@@ -297,38 +297,56 @@ struct Deadline {
   }
 };
 
-// Entry checks every peer kernel makes: the Buffer is alive and the rank
-// operand is the rank it was registered with (else every address is wrong).
-__device__ __forceinline__ int CheckedRankAlive(const GroupView& g, const int32_t* rank_ptr,
-                                                int op) {
-  if (*reinterpret_cast<const volatile uint32_t*>(g.alive) != g.buffer_id) {
-    Fail(g, kFaultDestroyed, op, g.rank, g.rank, kOpNone, 0);
-  }
+// What every peer kernel reads at entry. Each of these loads misses the
+// caches; they go out in two batches (the Buffer's own memory is read only once
+// the liveness word says it is still allocated) instead of one after another
+// behind each check.
+struct Entry {
+  int rank;              // the rank operand (== the registered rank)
+  char* own;             // this rank's buffer
+  uint32_t last_seq;     // sequence number of the last op started on the buffer
+  uint32_t pending_seq;  // a low-latency receive still to run: {seq, op}, else {0, 0}
+  int pending_op;
+  uint32_t ticket;       // LoadEntry's `ticket` operand, 0 without one
+};
+
+// The Buffer is alive and the rank operand is the rank it was registered with
+// (else every address is wrong); then the own header. `ticket`: a low-latency
+// send's ticket, loaded in the first batch too.
+__device__ __forceinline__ Entry LoadEntry(const GroupView& g, const int32_t* rank_ptr, int op,
+                                           const uint32_t* ticket = nullptr) {
+  const uint32_t alive = *reinterpret_cast<const volatile uint32_t*>(g.alive);
   const int rank = __ldg(rank_ptr);
+  Entry e;
+  e.ticket = ticket != nullptr ? *reinterpret_cast<const volatile uint32_t*>(ticket) : 0u;
+  if (alive != g.buffer_id) Fail(g, kFaultDestroyed, op, g.rank, g.rank, kOpNone, 0);
   if (rank != g.rank) Fail(g, kFaultBadRank, op, g.rank, rank, kOpNone, 0);
-  return rank;
+  e.rank = rank;
+  e.own = PeerAt(g, g.rank);
+  const volatile uint32_t* header = At<volatile uint32_t>(e.own, 0);
+  e.last_seq = header[kSeqOffset / 4];
+  e.pending_seq = header[kPendingReceiveOffset / 4];
+  e.pending_op = static_cast<int>(header[kPendingReceiveOffset / 4 + 1]);
+  return e;
 }
 
-// ... and, for every op but a low-latency receive, that no low-latency
-// receive is pending on this Buffer: the op would overwrite the rows still in
-// flight. The peers are told at once (an abort hello for the op's sequence
+// LoadEntry, and for every op but a low-latency receive, no low-latency
+// receive may be pending on this Buffer: the op would overwrite the rows still
+// in flight. The peers are told at once (an abort hello for the op's sequence
 // number) instead of timing out.
-__device__ __forceinline__ int CheckedRank(const GroupView& g, const int32_t* rank_ptr, int op) {
-  const int rank = CheckedRankAlive(g, rank_ptr, op);
-  char* own = PeerAt(g, rank);
-  const volatile uint32_t* pending = At<volatile uint32_t>(own, kPendingReceiveOffset);
-  const uint32_t pending_seq = pending[0];
-  if (pending_seq != 0) {
-    const int pending_op = static_cast<int>(pending[1]);
-    const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+__device__ __forceinline__ Entry CheckedEntry(const GroupView& g, const int32_t* rank_ptr,
+                                              int op) {
+  const Entry e = LoadEntry(g, rank_ptr, op);
+  if (e.pending_seq != 0) {
+    const uint32_t seq = e.last_seq + 1;
     const int t = static_cast<int>(threadIdx.x);
-    if (blockIdx.x == 0 && t < g.num_ranks && t != rank) {
-      StoreReleaseSysU64(At<uint64_t>(PeerAt(g, t), kHelloOffset) + (seq & 1) * kMaxRanks + rank,
+    if (blockIdx.x == 0 && t < g.num_ranks && t != e.rank) {
+      StoreReleaseSysU64(At<uint64_t>(PeerAt(g, t), kHelloOffset) + (seq & 1) * kMaxRanks + e.rank,
                          PackHello(seq, kOpAbort, 0));
     }
-    Fail(g, kFaultReceivePending, op, rank, rank, pending_op, pending_seq);
+    Fail(g, kFaultReceivePending, op, e.rank, e.rank, e.pending_op, e.pending_seq);
   }
-  return rank;
+  return e;
 }
 
 // ---------------------------------------------------------------------------

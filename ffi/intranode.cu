@@ -54,8 +54,7 @@ constexpr int kReduceUnroll = 8;
 // (absent ones zero), the order of jax_ep.backends.xla.pairwise_sum: the
 // backends then agree bit for bit, and a two-axis Buffer's per-node sums are
 // subtrees of it (issue 13). kTreeUnroll loads per rank in flight per lane.
-// (One: at two the kernel spilled in the two-copy loop every token at R = 2
-// takes, and combine went from 399 to 572 us on two H200s.)
+// (One: at two the kernel spilled 48 bytes.)
 constexpr int kTreeUnroll = 1;
 static_assert(kMaxRanks == 8, "the reduce's tree has 8 leaves");
 
@@ -393,11 +392,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     DispatchKernel(const DispatchArgs a, const Plan p, const uint32_t shape_hash) {
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
-  const int me = CheckedRank(g, a.rank, kOpDispatch);
+  const Entry entry = CheckedEntry(g, a.rank, kOpDispatch);
+  const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int t = threadIdx.x, lane = LaneId(), warp = WarpId();
-  char* own = PeerAt(g, me);
-  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  char* own = entry.own;
+  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, kOpDispatch, shape_hash);
   const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;
@@ -666,11 +666,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     CachedDispatchKernel(const CachedDispatchArgs a, const Plan p, const uint32_t shape_hash) {
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
-  const int me = CheckedRank(g, a.rank, kOpCachedDispatch);
+  const Entry entry = CheckedEntry(g, a.rank, kOpCachedDispatch);
+  const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int lane = LaneId(), warp = WarpId();
-  char* own = PeerAt(g, me);
-  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  char* own = entry.own;
+  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, kOpCachedDispatch, shape_hash);
   const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;
@@ -839,11 +840,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Traits = VecTraits<T>;
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
-  const int me = CheckedRank(g, a.rank, kOpCombine);
+  const Entry entry = CheckedEntry(g, a.rank, kOpCombine);
+  const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int lane = LaneId(), warp = WarpId();
-  char* own = PeerAt(g, me);
-  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  char* own = entry.own;
+  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, kOpCombine, shape_hash);
   const int64_t N = a.num_tokens, M = a.num_recv_rows, row_bytes = a.row_bytes;

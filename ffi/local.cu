@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kScanThreads)
                const bool* __restrict__ given_in_rank, const int32_t* given_per_rank,
                int64_t num_tokens, int num_topk, int num_experts, int64_t num_recv_rows,
                int32_t* send_pos, int32_t* num_recv_tokens, int32_t* expert_counts) {
-  CheckedRank(g, rank_ptr, kOpDispatch);
+  CheckedEntry(g, rank_ptr, kOpDispatch);
   __shared__ int s_warp[kScanThreads / 32];
   __shared__ int s_bad;
   const int t = threadIdx.x, lane = LaneId(), warp = WarpId();

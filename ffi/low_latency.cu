@@ -26,7 +26,7 @@
 // marking its receive pending (FinishOp); the receive finds the sequence
 // number in the send's ticket, checks that the send was the Buffer's last op,
 // and clears the mark. Every other op refuses to start while a receive is
-// pending (CheckedRank), so nothing can overwrite rows in flight.
+// pending (CheckedEntry), so nothing can overwrite rows in flight.
 #include <algorithm>
 
 #include "common.cuh"
@@ -114,16 +114,11 @@ __device__ __forceinline__ void WarpScaleRow(int4* dst, const int4* src, float w
 
 // A receive's entry check: the send whose ticket it holds was this Buffer's
 // last op (its receive is pending). Returns the op's sequence number.
-__device__ uint32_t CheckedReceive(const GroupView& g, char* own, const uint32_t* ticket, int op,
-                                   int me) {
-  const volatile uint32_t* pending = At<volatile uint32_t>(own, kPendingReceiveOffset);
-  const uint32_t seq = *reinterpret_cast<const volatile uint32_t*>(ticket);
-  const uint32_t pending_seq = pending[0];
-  const int pending_op = static_cast<int>(pending[1]);
-  if (seq == 0 || pending_seq != seq || pending_op != op) {
-    Fail(g, kFaultNothingToReceive, op, me, me, pending_op, pending_seq);
+__device__ uint32_t CheckedReceive(const GroupView& g, const Entry& e, int op) {
+  if (e.ticket == 0 || e.pending_seq != e.ticket || e.pending_op != op) {
+    Fail(g, kFaultNothingToReceive, op, e.rank, e.rank, e.pending_op, e.pending_seq);
   }
-  return seq;
+  return e.ticket;
 }
 
 // Spins until `flag` carries `seq`; returns its low word. A timeout names
@@ -152,10 +147,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
-  const int me = CheckedRank(g, a.rank, op);
+  const Entry entry = CheckedEntry(g, a.rank, op);
+  const int me = entry.rank;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
-  char* own = PeerAt(g, me);
-  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  char* own = entry.own;
+  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, op, shape_hash);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, row_bytes = a.row_bytes;
@@ -215,9 +211,10 @@ template <bool kCached>
 __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const DispatchRecvArgs a) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
-  const int me = CheckedRankAlive(g, a.rank, op);
-  char* own = PeerAt(g, me);
-  const uint32_t seq = CheckedReceive(g, own, a.ticket, op, me);
+  const Entry entry = LoadEntry(g, a.rank, op, a.ticket);
+  const int me = entry.rank;
+  char* own = entry.own;
+  const uint32_t seq = CheckedReceive(g, entry, op);
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t T = a.num_max_tokens, rows = R * T, row_bytes = a.row_bytes;
@@ -339,11 +336,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) char smem[];  // two stages of H floats
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
-  const int me = CheckedRank(g, a.rank, op);
+  const Entry entry = CheckedEntry(g, a.rank, op);
+  const int me = entry.rank;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
   const int tid = static_cast<int>(threadIdx.x);
-  char* own = PeerAt(g, me);
-  const uint32_t seq = *At<volatile uint32_t>(own, kSeqOffset) + 1;
+  char* own = entry.own;
+  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, op, shape_hash);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, rows = R * T, H = a.hidden;
@@ -456,9 +454,10 @@ __global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRe
   using Traits = VecTraits<Elt>;
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
-  const int me = CheckedRankAlive(g, a.rank, op);
-  char* own = PeerAt(g, me);
-  const uint32_t seq = CheckedReceive(g, own, a.ticket, op, me);
+  const Entry entry = LoadEntry(g, a.rank, op, a.ticket);
+  const int me = entry.rank;
+  char* own = entry.own;
+  const uint32_t seq = CheckedReceive(g, entry, op);
   const int R = g.num_ranks;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, H = a.hidden;

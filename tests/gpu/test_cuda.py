@@ -89,9 +89,10 @@ def test_cuda_matches_xla(model, num_ranks):
   assert res[0]["compared"] > 0 and res[0]["num_ranks"] == num_ranks
 
 
+@pytest.mark.parametrize("mode", ["normal", "low_latency"])
 @pytest.mark.parametrize("model", ["emulated", "one"])
-def test_command_buffers_capture_and_match(model):
-  res = run("jax_ep.testing:check_command_buffers", model, 2)
+def test_command_buffers_capture_and_match(model, mode):
+  res = run("jax_ep.testing:check_command_buffers", model, 2, mode=mode)
   assert res[0]["captured_in_command_buffer"], res
 
 
