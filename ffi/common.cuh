@@ -416,6 +416,26 @@ inline uint32_t ShapeHash(std::initializer_list<int64_t> dims) {
   return static_cast<uint32_t>(h ^ (h >> 32)) & 0x0fffffffu;
 }
 
+// A warp copies one row of n16 16-byte vectors, kUnroll loads per lane in
+// flight. `kPeerWritten`: the source was written by peers during the op (L2
+// loads), else it is an XLA operand.
+template <int kUnroll, bool kPeerWritten>
+__device__ __forceinline__ void WarpCopyRow(int4* dst, const int4* src, int64_t n16, int lane) {
+  for (int64_t base = 0; base < n16; base += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + lane + 32 * u;
+      if (j < n16) v[u] = kPeerWritten ? LoadCg16(src + j) : LoadNc16(src + j);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + lane + 32 * u;
+      if (j < n16) Store16(dst + j, v[u]);
+    }
+  }
+}
+
 // Element traits for reductions: unpack a 16-byte vector to floats and back.
 template <typename T>
 struct VecTraits;

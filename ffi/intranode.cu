@@ -339,20 +339,7 @@ __device__ void CopyRows(int64_t first, int64_t end, int64_t step, Next next, Re
   for (int64_t i = next(first); i < end; i = next(i + step)) {
     ready(i);
     const int4* src = reinterpret_cast<const int4*>(src_row(i));
-    int4* dst = reinterpret_cast<int4*>(dst_row(i));
-    for (int64_t base = 0; base < n16; base += 32 * kCopyUnroll) {
-      int4 v[kCopyUnroll];
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int64_t j = base + lane + 32 * u;
-        if (j < n16) v[u] = kPeerWritten ? LoadCg16(src + j) : LoadNc16(src + j);
-      }
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int64_t j = base + lane + 32 * u;
-        if (j < n16) Store16(dst + j, v[u]);
-      }
-    }
+    WarpCopyRow<kCopyUnroll, kPeerWritten>(reinterpret_cast<int4*>(dst_row(i)), src, n16, lane);
     meta(i, lane);
   }
 }

@@ -79,25 +79,6 @@ __device__ int BlockExclusiveSum(int v, int* scratch, int* total) {
   return out;
 }
 
-// A warp copies one row of n16 16-byte vectors. `kPeerWritten`: the source
-// was written by peers during the op (L2 loads), else it is an XLA operand.
-template <bool kPeerWritten>
-__device__ __forceinline__ void WarpCopyRow(int4* dst, const int4* src, int64_t n16, int lane) {
-  for (int64_t base = 0; base < n16; base += 32 * kCopyUnroll) {
-    int4 v[kCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int64_t j = base + lane + 32 * u;
-      if (j < n16) v[u] = kPeerWritten ? LoadCg16(src + j) : LoadNc16(src + j);
-    }
-#pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      const int64_t j = base + lane + 32 * u;
-      if (j < n16) dst[j] = v[u];
-    }
-  }
-}
-
 // A warp writes w * row (rounded to the row's type) for a peer-written row.
 template <typename T>
 __device__ __forceinline__ void WarpScaleRow(int4* dst, const int4* src, float w, int64_t n16,
@@ -187,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
     }
     if (routed) {
-      WarpCopyRow<false>(reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes),
+      WarpCopyRow<kCopyUnroll, false>(reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes),
                          reinterpret_cast<const int4*>(x + i * row_bytes), n16, lane);
     }
     // The warp's stores, then the flag: one release by lane 0 after the warp
@@ -304,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
         WarpScaleRow<float>(dst, src, w, nv, lane);
       }
     } else {
-      WarpCopyRow<true>(dst, src, nv, lane);
+      WarpCopyRow<kCopyUnroll, true>(dst, src, nv, lane);
       if (tail != nullptr) {
         const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
         for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
