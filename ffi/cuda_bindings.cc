@@ -21,7 +21,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpClock);
 // Defined in low_latency_handlers.cc.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCachedDispatchRecv);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatch);
@@ -80,7 +79,6 @@ void BindCuda(nb::module_& m) {
     d["jax_ep_clock"] = EncapsulateHandler(JaxEpClock);
     d["jax_ep_ll_dispatch_send"] = EncapsulateHandler(JaxEpLowLatencyDispatchSend);
     d["jax_ep_ll_dispatch_recv"] = EncapsulateHandler(JaxEpLowLatencyDispatchRecv);
-    d["jax_ep_ll_cached_dispatch_recv"] = EncapsulateHandler(JaxEpLowLatencyCachedDispatchRecv);
     d["jax_ep_ll_combine_send"] = EncapsulateHandler(JaxEpLowLatencyCombineSend);
     d["jax_ep_ll_combine_recv"] = EncapsulateHandler(JaxEpLowLatencyCombineRecv);
     d["jax_ep_ll_dispatch"] = EncapsulateHandler(JaxEpLowLatencyDispatch);

@@ -204,10 +204,14 @@ struct CombineRecvArgs {
   int64_t timeout_ns;
 };
 
+// The split form: a send kernel, then (after other work) a receive kernel.
 cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream);
 cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream);
 cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream);
 cudaError_t CombineRecv(const CombineRecvArgs& a, cudaStream_t stream);
+// The plain ops: both in one kernel (r's ticket is unused; s's is written).
+cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaStream_t stream);
+cudaError_t Combine(const CombineSendArgs& s, const CombineRecvArgs& r, cudaStream_t stream);
 cudaError_t Preload();
 }  // namespace low_latency
 

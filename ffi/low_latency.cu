@@ -1,7 +1,8 @@
 // Low-latency dispatch and combine (DeepEP's decode path) over peer-mapped
-// buffers: fixed shapes, and every op a send kernel and a receive kernel so
-// that other work can run between them (return_recv_hook). See
-// docs/design.md "Low-latency mode" and buffer_layout.h for the regions.
+// buffers: fixed shapes, every op a send phase and a receive phase. The plain
+// ops run both in one kernel; the split form (return_recv_hook) launches them
+// as two kernels so that other work can run between them. See docs/design.md
+// "Low-latency mode" and buffer_layout.h for the regions.
 //
 // Dispatch. The send kernel writes each token's row once into every rank that
 // holds any of its experts (a row per (token, rank), not per (token, k): the
@@ -124,15 +125,11 @@ __device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, 
 // ---------------------------------------------------------------------------
 // Dispatch, send: task (token i, rank d) per warp.
 // ---------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
+__device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int me, char* own,
+                                                  uint32_t seq, uint32_t shape_hash) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
-  const Entry entry = CheckedEntry(g, a.rank, op);
-  const int me = entry.rank;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
-  char* own = entry.own;
-  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, op, shape_hash);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, row_bytes = a.row_bytes;
@@ -168,8 +165,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
     }
     if (routed) {
-      WarpCopyRow<kCopyUnroll, false>(reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes),
-                         reinterpret_cast<const int4*>(x + i * row_bytes), n16, lane);
+      int4* row = reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes);
+      WarpCopyRow<kCopyUnroll, false>(row, reinterpret_cast<const int4*>(x + i * row_bytes), n16,
+                                      lane);
     }
     // The warp's stores, then the flag: one release by lane 0 after the warp
     // barrier (cumulative over the lanes' stores; a system fence in every lane
@@ -179,8 +177,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       StoreReleaseSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
     }
   }
+}
+
+// The split form's send: marks its receive pending.
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
+  const int op = kOpLowLatencyDispatch;
+  const Entry entry = CheckedEntry(a.group, a.rank, op);
+  const uint32_t seq = entry.last_seq + 1;
+  DispatchSendPhase(a, entry.rank, entry.own, seq, shape_hash);
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
-  FinishOp(own, seq, pending);
+  FinishOp(entry.own, seq, pending);
 }
 
 // ---------------------------------------------------------------------------
@@ -189,13 +196,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 // scaled by their weights (the transpose of a weighted combine).
 // ---------------------------------------------------------------------------
 template <bool kCached>
-__global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const DispatchRecvArgs a) {
+__device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int me, char* own,
+                                                  uint32_t seq) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
-  const Entry entry = LoadEntry(g, a.rank, op, a.ticket);
-  const int me = entry.rank;
-  char* own = entry.own;
-  const uint32_t seq = CheckedReceive(g, entry, op);
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t T = a.num_max_tokens, rows = R * T, row_bytes = a.row_bytes;
@@ -299,8 +303,29 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
       if (!(id >= 0 && id < E && id / El == me)) a.recv_slot[j] = -1;
     }
   }
+}
+
+// The split form's receive: the send before it must be the Buffer's last op.
+template <bool kCached>
+__global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const DispatchRecvArgs a) {
+  const int op = kOpLowLatencyDispatch;
+  const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
+  const uint32_t seq = CheckedReceive(a.group, entry, op);
+  DispatchRecvPhase<kCached>(a, entry.rank, entry.own, seq);
   const uint32_t none[2] = {0, 0};
-  FinishOp(own, seq, none);
+  FinishOp(entry.own, seq, none);
+}
+
+// The plain op: both phases in one kernel (a block goes on to receive as soon
+// as its sends are out; one launch, one entry, one exit per op).
+template <bool kCached>
+__global__ void __launch_bounds__(kThreads, 1)
+    DispatchKernel(const DispatchSendArgs s, const DispatchRecvArgs r, const uint32_t shape_hash) {
+  const Entry entry = CheckedEntry(s.group, s.rank, kOpLowLatencyDispatch);
+  const uint32_t seq = entry.last_seq + 1;
+  DispatchSendPhase(s, entry.rank, entry.own, seq, shape_hash);
+  DispatchRecvPhase<kCached>(r, entry.rank, entry.own, seq);
+  FinishOp(entry.own, seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -311,18 +336,14 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
 // per-lane stores made this kernel slower than XLA's all-to-all).
 // ---------------------------------------------------------------------------
 template <typename Elt>
-__global__ void __launch_bounds__(kThreads, 1)
-    CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
+__device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int me, char* own,
+                                                 uint32_t seq, uint32_t shape_hash) {
   using Traits = VecTraits<Elt>;
   extern __shared__ __align__(128) char smem[];  // two stages of H floats
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
-  const Entry entry = CheckedEntry(g, a.rank, op);
-  const int me = entry.rank;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
   const int tid = static_cast<int>(threadIdx.x);
-  char* own = entry.own;
-  const uint32_t seq = entry.last_seq + 1;
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, op, shape_hash);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, rows = R * T, H = a.hidden;
@@ -363,7 +384,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (r >= 0) {
         const int at = __popc(have & ((1u << lane) - 1u));
         copy_row[at] = r;
-        copy_weight[at] = weighted ? __ldcg(At<const float>(home, reg.weights) + i * K + lane) : 1.f;
+        const float* w = At<const float>(home, reg.weights) + i * K;
+        copy_weight[at] = weighted ? __ldcg(w + lane) : 1.f;
       }
       if (lane == 0) num_copies = __popc(have);
     }
@@ -390,7 +412,9 @@ __global__ void __launch_bounds__(kThreads, 1)
               const float w = copy_weight[c0 + u];
               // The order and roundings of xla_ll.combine_send: acc + (w * y).
 #pragma unroll
-              for (int e = 0; e < Traits::kElems; ++e) acc[e] = __fadd_rn(acc[e], __fmul_rn(w, f[e]));
+              for (int e = 0; e < Traits::kElems; ++e) {
+                acc[e] = __fadd_rn(acc[e], __fmul_rn(w, f[e]));
+              }
             }
           }
         }
@@ -423,22 +447,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, s), reg.flags) + me * T + i, FlagValue(seq, low));
     }
   }
+}
+
+template <typename Elt>
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
+  const int op = kOpLowLatencyCombine;
+  const Entry entry = CheckedEntry(a.group, a.rank, op);
+  const uint32_t seq = entry.last_seq + 1;
+  CombineSendPhase<Elt>(a, entry.rank, entry.own, seq, shape_hash);
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
-  FinishOp(own, seq, pending);
+  FinishOp(entry.own, seq, pending);
 }
 
 // ---------------------------------------------------------------------------
 // Combine, receive: token per block; the partials of every rank in rank order.
 // ---------------------------------------------------------------------------
 template <typename Elt>
-__global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRecvArgs a) {
+__device__ __forceinline__ void CombineRecvPhase(const CombineRecvArgs& a, int me, char* own,
+                                                 uint32_t seq) {
   using Traits = VecTraits<Elt>;
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
-  const Entry entry = LoadEntry(g, a.rank, op, a.ticket);
-  const int me = entry.rank;
-  char* own = entry.own;
-  const uint32_t seq = CheckedReceive(g, entry, op);
   const int R = g.num_ranks;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, H = a.hidden;
@@ -476,8 +506,27 @@ __global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRe
     }
     __syncthreads();
   }
+}
+
+template <typename Elt>
+__global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRecvArgs a) {
+  const int op = kOpLowLatencyCombine;
+  const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
+  const uint32_t seq = CheckedReceive(a.group, entry, op);
+  CombineRecvPhase<Elt>(a, entry.rank, entry.own, seq);
   const uint32_t none[2] = {0, 0};
-  FinishOp(own, seq, none);
+  FinishOp(entry.own, seq, none);
+}
+
+// The plain op: both phases in one kernel.
+template <typename Elt>
+__global__ void __launch_bounds__(kThreads, 1)
+    CombineKernel(const CombineSendArgs s, const CombineRecvArgs r, const uint32_t shape_hash) {
+  const Entry entry = CheckedEntry(s.group, s.rank, kOpLowLatencyCombine);
+  const uint32_t seq = entry.last_seq + 1;
+  CombineSendPhase<Elt>(s, entry.rank, entry.own, seq, shape_hash);
+  CombineRecvPhase<Elt>(r, entry.rank, entry.own, seq);
+  FinishOp(entry.own, seq);
 }
 
 }  // namespace
@@ -493,14 +542,45 @@ cudaError_t Preload() {
       CombineSendKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       CombineSendKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CombineKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      CombineKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchKernel<false>));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchKernel<true>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>));
   return cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
 }
 
+uint32_t DispatchHash(const DispatchSendArgs& a) {
+  return ShapeHash({a.num_max_tokens, a.num_topk, a.row_bytes, a.num_experts,
+                    a.weights != nullptr});
+}
+
+uint32_t CombineHash(const CombineSendArgs& a) {
+  return ShapeHash({a.num_max_tokens, a.num_topk, a.hidden, a.num_experts,
+                    static_cast<int64_t>(a.row_type), a.weights != nullptr});
+}
+
+// Two stages of H floats (the combine's send); errors for a hidden too large.
+cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
+  *smem = static_cast<size_t>(8 * a.hidden);
+  return static_cast<int64_t>(*smem) > kMaxLowLatencyCombineSmem ? cudaErrorInvalidValue
+                                                                 : cudaSuccess;
+}
+
 cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream) {
-  const uint32_t hash = ShapeHash({a.num_max_tokens, a.num_topk, a.row_bytes, a.num_experts,
-                                   a.weights != nullptr});
-  DispatchSendKernel<<<Grid(a.group), kThreads, 0, stream>>>(a, hash);
+  DispatchSendKernel<<<Grid(a.group), kThreads, 0, stream>>>(a, DispatchHash(a));
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaStream_t stream) {
+  if (r.src_slot_in != nullptr) {
+    DispatchKernel<true><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
+  } else {
+    DispatchKernel<false><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
+  }
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -516,14 +596,24 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
 }
 
 cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream) {
-  const uint32_t hash = ShapeHash({a.num_max_tokens, a.num_topk, a.hidden, a.num_experts,
-                                   static_cast<int64_t>(a.row_type), a.weights != nullptr});
-  const size_t smem = static_cast<size_t>(8 * a.hidden);  // two stages of H floats
-  if (static_cast<int64_t>(smem) > kMaxLowLatencyCombineSmem) return cudaErrorInvalidValue;
+  size_t smem = 0;
+  JAX_EP_CUDA_RETURN_IF_ERROR(CombineSmem(a, &smem));
   if (a.row_type == RowType::kBF16) {
-    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, smem, stream>>>(a, hash);
+    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, smem, stream>>>(a, CombineHash(a));
   } else {
-    CombineSendKernel<float><<<Grid(a.group), kThreads, smem, stream>>>(a, hash);
+    CombineSendKernel<float><<<Grid(a.group), kThreads, smem, stream>>>(a, CombineHash(a));
+  }
+  JAX_EP_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+cudaError_t Combine(const CombineSendArgs& s, const CombineRecvArgs& r, cudaStream_t stream) {
+  size_t smem = 0;
+  JAX_EP_CUDA_RETURN_IF_ERROR(CombineSmem(s, &smem));
+  if (s.row_type == RowType::kBF16) {
+    CombineKernel<__nv_bfloat16><<<Grid(s.group), kThreads, smem, stream>>>(s, r, CombineHash(s));
+  } else {
+    CombineKernel<float><<<Grid(s.group), kThreads, smem, stream>>>(s, r, CombineHash(s));
   }
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;

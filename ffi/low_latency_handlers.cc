@@ -1,6 +1,6 @@
 // XLA FFI handlers of the low-latency ops (low_latency.cu): decode, check,
-// launch, like handlers.cc. A plain op is one custom call that launches the
-// send and the receive kernels back to back. The split form
+// launch, like handlers.cc. A plain op is one custom call and one kernel
+// (both phases). The split form
 // (return_recv_hook) is two custom calls: the send's ticket (its sequence
 // number, written by the kernel) is the receive's operand, so XLA keeps the
 // pair in order and may place other work in between. Stateless between
@@ -61,10 +61,9 @@ ffi::Error Decode(const char* op, int32_t device, const LowLatencyAttrs& at,
 
 // ---------------------------------------------------------------------------
 // `weights`: null for the plain dispatch (which has none).
-ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
-                            I32x2 topk_idx, const F32x2* weights, I32x0 rank, U32x0 ticket,
-                            LowLatencyAttrs at) {
-  const char* op = "jax_ep_ll_dispatch_send";
+ffi::Error MakeDispatchSend(const char* op, int32_t device, ffi::AnyBuffer x, I32x2 topk_idx,
+                            const F32x2* weights, I32x0 rank, U32x0 ticket,
+                            const LowLatencyAttrs& at, low_latency::DispatchSendArgs* out) {
   RowType type;
   int64_t row_bytes = 0;
   JAX_EP_RETURN_IF_FFI_ERROR(RowInfo(op, "x", x, &type, &row_bytes));
@@ -91,8 +90,7 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(at.num_experts);
   a.timeout_ns = at.timeout_ns;
-  cudaError_t err = low_latency::DispatchSend(a, stream);
-  if (err != cudaSuccess) return CudaError(op, "launch", err);
+  *out = a;
   return ffi::Error::Success();
 }
 
@@ -117,7 +115,8 @@ ffi::Error ReceiveRows(const char* op, const ffi::AnyBuffer& recv_x,
                        low_latency::DispatchRecvArgs* a, int64_t* row_bytes) {
   a->recv_x = recv_x.untyped_data();
   if (recv_tail.dimensions().size() == 2 && recv_tail.dimensions()[0] == 0) {
-    JAX_EP_RETURN_IF_FFI_ERROR(CheckExpertRows(op, "recv_x", recv_x, at, &a->row_type, row_bytes));
+    JAX_EP_RETURN_IF_FFI_ERROR(
+        CheckExpertRows(op, "recv_x", recv_x, at, &a->row_type, row_bytes));
     a->head_bytes = *row_bytes;
     a->tail_bytes = 0;
     a->recv_tail = nullptr;
@@ -125,8 +124,9 @@ ffi::Error ReceiveRows(const char* op, const ffi::AnyBuffer& recv_x,
   }
   const int64_t rows = at.num_experts / at.num_ranks * at.num_ranks * at.num_max_tokens;
   auto h = recv_x.dimensions(), t = recv_tail.dimensions();
-  if (recv_x.element_type() != ffi::DataType::U8 || recv_tail.element_type() != ffi::DataType::F32 ||
-      h.size() != 2 || t.size() != 2 || h[0] != rows || t[0] != rows || h[1] % 16 != 0) {
+  if (recv_x.element_type() != ffi::DataType::U8 ||
+      recv_tail.element_type() != ffi::DataType::F32 || h.size() != 2 || t.size() != 2 ||
+      h[0] != rows || t[0] != rows || h[1] % 16 != 0) {
     return Invalid(op, "split receive rows must be uint8 [" + std::to_string(rows) +
                            ", H] (H a multiple of 16) and float32 [" + std::to_string(rows) +
                            ", S], got " + ShapeString(h) + " and " + ShapeString(t));
@@ -139,12 +139,11 @@ ffi::Error ReceiveRows(const char* op, const ffi::AnyBuffer& recv_x,
   return ffi::Error::Success();
 }
 
-ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
-                            ffi::Result<ffi::AnyBuffer> recv_x,
+ffi::Error MakeDispatchRecv(const char* op, cudaStream_t stream, int32_t device, U32x0 ticket,
+                            I32x0 rank, ffi::Result<ffi::AnyBuffer> recv_x,
                             ffi::Result<ffi::AnyBuffer> recv_tail, ffi::Result<I32x1> recv_count,
                             ffi::Result<I32x2> src_slot, ffi::Result<I32x2> recv_slot,
-                            LowLatencyAttrs at) {
-  const char* op = "jax_ep_ll_dispatch_recv";
+                            const LowLatencyAttrs& at, low_latency::DispatchRecvArgs* out) {
   low_latency::DispatchRecvArgs a{};
   int64_t row_bytes = 0;
   JAX_EP_RETURN_IF_FFI_ERROR(ReceiveRows(op, *recv_x, *recv_tail, at, &a, &row_bytes));
@@ -166,18 +165,18 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, U32x0 ticket, I
   a.num_topk = static_cast<int>(at.num_topk);
   a.num_experts = static_cast<int>(at.num_experts);
   a.timeout_ns = at.timeout_ns;
-  cudaError_t err = low_latency::DispatchRecv(a, stream);
-  if (err != cudaSuccess) return CudaError(op, "launch", err);
+  *out = a;
   return ffi::Error::Success();
 }
 
-ffi::Error CachedDispatchRecvImpl(cudaStream_t stream, int32_t device, U32x0 ticket,
-                                  I32x2 src_slot, I32x0 rank,
-                                  ffi::Result<ffi::AnyBuffer> recv_x, LowLatencyAttrs at) {
-  const char* op = "jax_ep_ll_cached_dispatch_recv";
+ffi::Error MakeCachedDispatchRecv(const char* op, cudaStream_t stream, int32_t device,
+                                  U32x0 ticket, I32x2 src_slot, I32x0 rank,
+                                  ffi::Result<ffi::AnyBuffer> recv_x, const LowLatencyAttrs& at,
+                                  low_latency::DispatchRecvArgs* out) {
   low_latency::DispatchRecvArgs a{};
   int64_t row_bytes = 0;
-  JAX_EP_RETURN_IF_FFI_ERROR(CheckExpertRows(op, "recv_x", *recv_x, at, &a.row_type, &row_bytes));
+  JAX_EP_RETURN_IF_FFI_ERROR(
+      CheckExpertRows(op, "recv_x", *recv_x, at, &a.row_type, &row_bytes));
   a.head_bytes = row_bytes;
   const int64_t R = at.num_ranks, El = at.num_experts / R, rows = R * at.num_max_tokens;
   JAX_EP_RETURN_IF_FFI_ERROR(ExpectShape(op, "src_slot", src_slot, {El, rows}));
@@ -193,16 +192,15 @@ ffi::Error CachedDispatchRecvImpl(cudaStream_t stream, int32_t device, U32x0 tic
   a.num_topk = static_cast<int>(at.num_topk);
   a.num_experts = static_cast<int>(at.num_experts);
   a.timeout_ns = at.timeout_ns;
-  cudaError_t err = low_latency::DispatchRecv(a, stream);
-  if (err != cudaSuccess) return CudaError(op, "launch", err);
+  *out = a;
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
 // y is [E_local * R*T, H]; weights [N, K] are this rank's tokens' (or [0, K]).
-ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, F32x2 weights,
-                           I32x2 recv_slot, I32x0 rank, U32x0 ticket, LowLatencyAttrs at) {
-  const char* op = "jax_ep_ll_combine_send";
+ffi::Error MakeCombineSend(const char* op, int32_t device, ffi::AnyBuffer y, F32x2 weights,
+                           I32x2 recv_slot, I32x0 rank, U32x0 ticket, const LowLatencyAttrs& at,
+                           low_latency::CombineSendArgs* out) {
   low_latency::CombineSendArgs a{};
   int64_t row_bytes = 0;
   JAX_EP_RETURN_IF_FFI_ERROR(CheckExpertRows(op, "y", y, at, &a.row_type, &row_bytes));
@@ -229,34 +227,36 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(at.num_experts);
   a.timeout_ns = at.timeout_ns;
-  cudaError_t err = low_latency::CombineSend(a, stream);
-  if (err != cudaSuccess) return CudaError(op, "launch", err);
+  *out = a;
   return ffi::Error::Success();
 }
 
-ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
-                           ffi::Result<ffi::AnyBuffer> out, LowLatencyAttrs at) {
-  const char* op = "jax_ep_ll_combine_recv";
+ffi::Error MakeCombineRecv(const char* op, cudaStream_t stream, int32_t device, U32x0 ticket,
+                           I32x0 rank, ffi::Result<ffi::AnyBuffer> result,
+                           const LowLatencyAttrs& at, low_latency::CombineRecvArgs* out) {
   low_latency::CombineRecvArgs a{};
   int64_t row_bytes = 0;
-  JAX_EP_RETURN_IF_FFI_ERROR(RowInfo(op, "out", *out, &a.row_type, &row_bytes));
-  const int64_t N = out->dimensions()[0], H = out->dimensions()[1];
+  JAX_EP_RETURN_IF_FFI_ERROR(RowInfo(op, "out", *result, &a.row_type, &row_bytes));
+  const int64_t N = result->dimensions()[0], H = result->dimensions()[1];
   if (N > at.num_max_tokens) {
     return Invalid(op, "out has " + std::to_string(N) + " tokens, more than num_max_tokens");
   }
   JAX_EP_RETURN_IF_FFI_ERROR(Decode(op, device, at, 4 * H, &a.group));
-  JAX_EP_RETURN_IF_FFI_ERROR(Poison(op, stream, {Bytes(*out)}));
+  JAX_EP_RETURN_IF_FFI_ERROR(Poison(op, stream, {Bytes(*result)}));
   a.ticket = ticket.typed_data();
   a.rank = rank.typed_data();
-  a.out = out->untyped_data();
+  a.out = result->untyped_data();
   a.num_tokens = N;
   a.num_max_tokens = at.num_max_tokens;
   a.hidden = H;
   a.num_topk = static_cast<int>(at.num_topk);
   a.timeout_ns = at.timeout_ns;
-  cudaError_t err = low_latency::CombineRecv(a, stream);
-  if (err != cudaSuccess) return CudaError(op, "launch", err);
+  *out = a;
   return ffi::Error::Success();
+}
+
+ffi::Error Launched(const char* op, cudaError_t err) {
+  return err == cudaSuccess ? ffi::Error::Success() : CudaError(op, "launch", err);
 }
 
 // The split form's entry points (return_recv_hook): the send's ticket is an
@@ -266,48 +266,87 @@ ffi::Error SplitDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer
                              I32x2 topk_idx, F32x2 weights, ffi::AnyBuffer after, I32x0 rank,
                              ffi::Result<U32x0> ticket, LowLatencyAttrs at) {
   (void)after;
-  return DispatchSendImpl(stream, device, x, topk_idx, &weights, rank, *ticket, at);
+  const char* op = "jax_ep_ll_dispatch_send";
+  low_latency::DispatchSendArgs a{};
+  JAX_EP_RETURN_IF_FFI_ERROR(
+      MakeDispatchSend(op, device, x, topk_idx, &weights, rank, *ticket, at, &a));
+  return Launched(op, low_latency::DispatchSend(a, stream));
+}
+
+ffi::Error SplitDispatchRecv(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
+                             ffi::Result<ffi::AnyBuffer> recv_x,
+                             ffi::Result<ffi::AnyBuffer> recv_tail,
+                             ffi::Result<I32x1> recv_count, ffi::Result<I32x2> src_slot,
+                             ffi::Result<I32x2> recv_slot, LowLatencyAttrs at) {
+  const char* op = "jax_ep_ll_dispatch_recv";
+  low_latency::DispatchRecvArgs a{};
+  JAX_EP_RETURN_IF_FFI_ERROR(MakeDispatchRecv(op, stream, device, ticket, rank, recv_x, recv_tail,
+                                              recv_count, src_slot, recv_slot, at, &a));
+  return Launched(op, low_latency::DispatchRecv(a, stream));
 }
 
 ffi::Error SplitCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, F32x2 weights,
                             I32x2 recv_slot, I32x0 rank, ffi::Result<U32x0> ticket,
                             LowLatencyAttrs at) {
-  return CombineSendImpl(stream, device, y, weights, recv_slot, rank, *ticket, at);
+  const char* op = "jax_ep_ll_combine_send";
+  low_latency::CombineSendArgs a{};
+  JAX_EP_RETURN_IF_FFI_ERROR(
+      MakeCombineSend(op, device, y, weights, recv_slot, rank, *ticket, at, &a));
+  return Launched(op, low_latency::CombineSend(a, stream));
 }
 
-// The plain ops: send and receive in one custom call, so that XLA (which
-// orders custom calls by data alone) can never put another jax_ep op of the
-// Buffer between them. `ticket` is scratch for the pair.
+ffi::Error SplitCombineRecv(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
+                            ffi::Result<ffi::AnyBuffer> out, LowLatencyAttrs at) {
+  const char* op = "jax_ep_ll_combine_recv";
+  low_latency::CombineRecvArgs a{};
+  JAX_EP_RETURN_IF_FFI_ERROR(MakeCombineRecv(op, stream, device, ticket, rank, out, at, &a));
+  return Launched(op, low_latency::CombineRecv(a, stream));
+}
+
+// The plain ops: one custom call and one kernel for send and receive, so that
+// XLA (which orders custom calls by data alone) can never put another jax_ep
+// op of the Buffer between them. `ticket` is scratch.
 ffi::Error FusedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, I32x2 topk_idx,
                          I32x0 rank, ffi::Result<U32x0> ticket,
                          ffi::Result<ffi::AnyBuffer> recv_x,
                          ffi::Result<ffi::AnyBuffer> recv_tail, ffi::Result<I32x1> recv_count,
                          ffi::Result<I32x2> src_slot, ffi::Result<I32x2> recv_slot,
                          LowLatencyAttrs at) {
-  if (at.has_weights) return Invalid("jax_ep_ll_dispatch", "takes no weights");
+  const char* op = "jax_ep_ll_dispatch";
+  if (at.has_weights) return Invalid(op, "takes no weights");
+  low_latency::DispatchSendArgs s{};
+  low_latency::DispatchRecvArgs r{};
   JAX_EP_RETURN_IF_FFI_ERROR(
-      DispatchSendImpl(stream, device, x, topk_idx, nullptr, rank, *ticket, at));
-  return DispatchRecvImpl(stream, device, *ticket, rank, recv_x, recv_tail, recv_count, src_slot,
-                          recv_slot, at);
+      MakeDispatchSend(op, device, x, topk_idx, nullptr, rank, *ticket, at, &s));
+  JAX_EP_RETURN_IF_FFI_ERROR(MakeDispatchRecv(op, stream, device, *ticket, rank, recv_x,
+                                              recv_tail, recv_count, src_slot, recv_slot, at, &r));
+  return Launched(op, low_latency::Dispatch(s, r, stream));
 }
 
 ffi::Error FusedCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                                I32x2 topk_idx, F32x2 weights, I32x2 src_slot, I32x0 rank,
                                ffi::Result<U32x0> ticket, ffi::Result<ffi::AnyBuffer> recv_x,
                                LowLatencyAttrs at) {
+  const char* op = "jax_ep_ll_cached_dispatch";
+  low_latency::DispatchSendArgs s{};
+  low_latency::DispatchRecvArgs r{};
   JAX_EP_RETURN_IF_FFI_ERROR(
-      DispatchSendImpl(stream, device, x, topk_idx, &weights, rank, *ticket, at));
-  return CachedDispatchRecvImpl(stream, device, *ticket, src_slot, rank, recv_x, at);
+      MakeDispatchSend(op, device, x, topk_idx, &weights, rank, *ticket, at, &s));
+  JAX_EP_RETURN_IF_FFI_ERROR(
+      MakeCachedDispatchRecv(op, stream, device, *ticket, src_slot, rank, recv_x, at, &r));
+  return Launched(op, low_latency::Dispatch(s, r, stream));
 }
 
 ffi::Error FusedCombine(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, F32x2 weights,
                         I32x2 recv_slot, I32x0 rank, ffi::Result<U32x0> ticket,
                         ffi::Result<ffi::AnyBuffer> out, LowLatencyAttrs at) {
+  const char* op = "jax_ep_ll_combine";
+  low_latency::CombineSendArgs s{};
+  low_latency::CombineRecvArgs r{};
   JAX_EP_RETURN_IF_FFI_ERROR(
-      CombineSendImpl(stream, device, y, weights, recv_slot, rank, *ticket, at));
-  LowLatencyAttrs recv_at = at;
-  recv_at.has_weights = false;
-  return CombineRecvImpl(stream, device, *ticket, rank, out, recv_at);
+      MakeCombineSend(op, device, y, weights, recv_slot, rank, *ticket, at, &s));
+  JAX_EP_RETURN_IF_FFI_ERROR(MakeCombineRecv(op, stream, device, *ticket, rank, out, at, &r));
+  return Launched(op, low_latency::Combine(s, r, stream));
 }
 
 }  // namespace
@@ -330,7 +369,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxEpLowLatencyDispatchRecv, jax_ep::DispatchRecvImpl,
+    JaxEpLowLatencyDispatchRecv, jax_ep::SplitDispatchRecv,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::DeviceOrdinal>()
@@ -341,18 +380,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<jax_ep::I32x1>()   // recv_count
         .Ret<jax_ep::I32x2>()   // src_slot
         .Ret<jax_ep::I32x2>()   // recv_slot
-        .Attrs<jax_ep::LowLatencyAttrs>(),
-    {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxEpLowLatencyCachedDispatchRecv, jax_ep::CachedDispatchRecvImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<ffi::DeviceOrdinal>()
-        .Arg<jax_ep::U32x0>()   // ticket
-        .Arg<jax_ep::I32x2>()   // src_slot (the handle's)
-        .Arg<jax_ep::I32x0>()   // rank
-        .Ret<ffi::AnyBuffer>()  // recv_x
         .Attrs<jax_ep::LowLatencyAttrs>(),
     {ffi::Traits::kCmdBufferCompatible});
 
@@ -370,7 +397,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxEpLowLatencyCombineRecv, jax_ep::CombineRecvImpl,
+    JaxEpLowLatencyCombineRecv, jax_ep::SplitCombineRecv,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::DeviceOrdinal>()

@@ -392,7 +392,8 @@ class CudaLowLatency:
   interface of ``xla_ll.XlaLowLatency`` (``_ll_ops`` adds the checks and
   autodiff), on the Buffer's communication buffer.
 
-  A plain op is one custom call (send and receive kernels back to back). The
+  A plain op is one custom call (one kernel: the send phase, then the receive
+  phase). The
   split form (``*_send`` / ``*_recv``) is two: XLA orders custom calls by data
   alone, so between a send and its receive it may schedule any work that does
   not depend on them, including another jax_ep op of the same Buffer; such an
