@@ -66,7 +66,8 @@ class Buffer:
       from jax_ep import _ext
       self.mesh = mesh
       self.axis_name, self.num_ranks, self._backend, self.backend = hierarchical.make(
-          mesh, axis_name, backend, _ext.has_cuda() and _mesh_is_nvidia_gpu(mesh))
+          mesh, axis_name, backend, _ext.has_cuda() and _mesh_is_nvidia_gpu(mesh),
+          num_nvl_bytes=num_nvl_bytes, num_sms=num_sms, timeout_s=timeout_s)
       return
     if axis_name not in mesh.axis_names:
       raise ValueError(f"jax_ep.Buffer: axis_name {axis_name!r} is not an axis of "

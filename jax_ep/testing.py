@@ -315,7 +315,7 @@ def _to_global(mesh, per_rank, axis_name="ep"):
 
 def _local_ranks(out):
   """{rank: that rank's piece} of a [R, ...] output, for every rank this process holds."""
-  # The rank is the device's place on the (1-D) mesh: shard indices say
+  # The rank is the device's place in the mesh's flat (node-major) order: shard indices say
   # nothing for an array with no elements.
   devices = list(out.sharding.mesh.devices.flat)
   return {devices.index(s.device): np.asarray(s.data)[0] for s in out.addressable_shards}
@@ -342,22 +342,40 @@ def make_case(seed, num_ranks, num_tokens, hidden, num_topk, num_experts,
 
 def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
                    num_topk=4, num_experts=16, num_worst_tokens=None, dtype="bfloat16",
-                   backend="cuda", num_sms=8, repeats=2):
+                   backend="cuda", num_sms=8, repeats=2, nodes=0):
   """Every dispatch/combine output of the ranks this process holds, against NumPy.
 
   The number of ranks R is the size of the global mesh (every device of every
   process). Runs the whole sequence ``repeats`` times with fresh inputs, so
   stale data from a previous run in reused memory cannot pass for a written
   row. Raises AssertionError on a mismatch; returns a summary on success.
+
+  ``nodes`` > 0: the Buffer spans two axes ("node", "local") of ``nodes`` x
+  R / nodes, the flat contract unchanged (issue 13). Device ``l * nodes + n``
+  (in process order) is rank ``(n, l)``: with one process per GPU on G =
+  ``nodes`` GPUs (``--gpus G``), the ranks of a node share a GPU (the local hop
+  over CUDA IPC) and each node hop pairs different GPUs (XLA's NCCL refuses two
+  ranks on one GPU). Combine is then bit for bit in float32 only (bfloat16
+  rounds the node partials once more, as the contract allows).
   """
   import jax_ep
-  mesh = _global_mesh()
+  axis = "ep"
+  if nodes:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    L = len(devices) // nodes
+    grid = np.array([[devices[l * nodes + n] for l in range(L)] for n in range(nodes)])
+    mesh, axis = Mesh(grid, ("node", "local")), ("node", "local")
+  else:
+    mesh = _global_mesh()
   R, N, H, K, E = mesh.size, num_tokens, hidden, num_topk, num_experts
   cap = num_worst_tokens or N * R
   jdt = jnp.dtype(dtype)
-  nbytes = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt, num_worst_tokens) \
-      if backend == "cuda" else None
-  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
+  nbytes = None
+  if backend == "cuda":  # two axes: the local hop's dispatch, Nn * N slot rows over L
+    nbytes = (jax_ep.Buffer.get_buffer_size_hint(nodes * N, H, R // nodes, K, jdt, R * N)
+              if nodes else jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt,
+                                                               num_worst_tokens))
+  buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
 
   def per_rank(x, idx, w, y, x2):
     x, idx, w, y, x2 = x[0].astype(jdt), idx[0], w[0], y[0].astype(jdt), x2[0].astype(jdt)
@@ -378,12 +396,12 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
            recv_w2, grad_x)
     return tuple(r[None] for r in res)
 
-  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+  fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P(axis), out_specs=P(axis)))
   num_recv = {}
   for rep in range(repeats):
     xs, idxs, ws, ys, x2s = make_case((seed, rep), R, N, H, K, E, num_worst_tokens, dtype)
     outs = [_local_ranks(o) for o in
-            fn(*[_to_global(mesh, a) for a in (xs, idxs, ws, ys, x2s)])]
+            fn(*[_to_global(mesh, a, axis) for a in (xs, idxs, ws, ys, x2s)])]
     ref = reference_dispatch(xs, idxs, ws, E, num_worst_tokens)
     ref2 = reference_dispatch(x2s, idxs, ws, E, num_worst_tokens)
     combined, combined_w = reference_combine(ys, ref, N, [r["recv_topk_weights"] for r in ref])

@@ -255,8 +255,7 @@ def test_handle_leaves_jit_and_drops_are_reported():
 
 def test_bad_arguments():
   hmesh, fmesh = _meshes((2, 4))
-  with pytest.raises(ValueError, match="cuda backend, which is not built yet; pass "
-                     "backend='xla'"):
+  with pytest.raises(ValueError, match="NVIDIA GPUs"):  # the local hop's cuda backend
     jax_ep.Buffer(hmesh, AXES, backend="cuda")
   with pytest.raises(ValueError, match="ragged"):
     jax_ep.Buffer(hmesh, AXES, backend="ragged")
@@ -315,3 +314,13 @@ def test_fp8_dispatch_over_two_axes_equals_flat():
   np.testing.assert_array_equal(q2.view(np.uint8), q1.view(np.uint8))
   np.testing.assert_array_equal(s2, s1)
   assert np.any(q1.view(np.uint8))  # rows did arrive
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_contract_check_over_two_axes(nodes):
+  # testing.check_contract(nodes=...) is what the GPU suite runs with the cuda
+  # local hop; here on xla, against the NumPy reference, drops included.
+  res = ept.check_contract(0, 1, backend="xla", nodes=nodes, dtype="float32",
+                           num_experts=16, num_worst_tokens=200)
+  assert res["num_ranks"] == 8 and res["ranks"] == list(range(8))
+  assert any(n > res["capacity"] for n in res["num_recv_tokens"].values())  # drops

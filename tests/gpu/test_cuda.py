@@ -104,6 +104,16 @@ def test_fp8_dispatch_moves_bytes_exactly(model, num_ranks, hidden):
   assert ranks_checked(res) == list(range(num_ranks))
 
 
+@pytest.mark.parametrize("model,num_ranks", [("one", 2), ("per-gpu", 4)])
+def test_two_axes_contract(model, num_ranks):
+  # Issue 13: (node 2, local 1) in one process (node hop on NCCL, local hop on
+  # the one-rank kernels); four processes as (2, 2), rank (n, l) on GPU n (the
+  # local hop over CUDA IPC on one GPU, the node hop across the two).
+  res = run("jax_ep.testing:check_contract", model, num_ranks, nodes=2, dtype="float32",
+            num_experts=4 * num_ranks)
+  assert ranks_checked(res) == list(range(num_ranks))
+
+
 LOW_LATENCY = [("emulated", 1), ("emulated", 2), ("emulated", 4), ("emulated", 8), ("one", 2),
                ("per-gpu", 2), ("per-gpu", 4)]
 
