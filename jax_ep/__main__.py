@@ -45,8 +45,6 @@ def main(argv=None) -> int:
   N, H, K, E = args.tokens, args.hidden, args.topk, args.experts
   E = max(E - E % R, R)
   backends = ["xla", "cuda"] if args.backend == "all" else [args.backend]
-  if args.mesh and args.backend == "all":
-    backends = ["xla"]  # the cuda local hop is not built (Buffer says so if asked)
   if "cuda" in backends and not (jax_ep.build_info()["cuda"] and devices[0].platform == "gpu"):
     backends.remove("cuda")
   xs, idxs, ws, _, _ = ept.make_case(0, R, N, H, K, E, dtype="bfloat16")
@@ -71,9 +69,10 @@ def main(argv=None) -> int:
         f"{'round trip ms':>13} {'GB/s':>7} {'max err':>8} {'allowed':>8} check")
   failed = False
   for name in backends:
+    nodes = shape[0] if args.mesh else 1
     buf = jax_ep.Buffer(mesh, axis, backend=name,
-                        num_nvl_bytes=(jax_ep.Buffer.get_buffer_size_hint(N, H, R, K)
-                                       if name == "cuda" else None))
+                        num_nvl_bytes=(jax_ep.Buffer.get_buffer_size_hint(
+                            N, H, R, K, num_nodes=nodes) if name == "cuda" else None))
 
     def per_rank(x, idx, w):
       recv_x, _, recv_w, _, h = buf.dispatch(x[0], topk_idx=idx[0], topk_weights=w[0],

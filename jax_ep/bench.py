@@ -172,10 +172,11 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   R = mesh.size
   N, H, K, E = num_tokens, hidden, num_topk, num_experts
   nbytes = None
-  if backend == "cuda":
-    nbytes = (jax_ep.Buffer.get_low_latency_buffer_size_hint(N, H, R, K)
-              if mode == "low_latency" else
-              jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16))
+  if backend == "cuda" and mode == "low_latency":
+    nbytes = jax_ep.Buffer.get_low_latency_buffer_size_hint(N, H, R, K)
+  elif backend == "cuda":
+    nodes = mesh.shape[axis[0]] if isinstance(axis, tuple) else 1
+    nbytes = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16, num_nodes=nodes)
   buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
   rng = np.random.default_rng(seed)
   idxs = [ept.random_routing(rng, N, K, E, none_fraction=0.0, invalid_fraction=0.0)

@@ -116,12 +116,24 @@ class Buffer:
   @staticmethod
   def get_buffer_size_hint(num_tokens: int, hidden: int, num_ranks: int,
                            num_topk: int, dtype=jnp.bfloat16,
-                           num_worst_tokens: Optional[int] = None) -> int:
-    """Bytes of CUDA communication buffer one GPU needs for this shape."""
+                           num_worst_tokens: Optional[int] = None, num_nodes: int = 1,
+                           num_worst_forward_tokens: Optional[int] = None) -> int:
+    """Bytes of CUDA communication buffer one GPU needs for this shape.
+
+    ``num_nodes`` > 1: a Buffer over two axes (node, local) of ``num_ranks``
+    ranks in all, whose cuda local hop dispatches the forwarders'
+    ``num_nodes * F`` slot rows over the local axis (F =
+    ``num_worst_forward_tokens``, default ``num_tokens``).
+    """
     from jax_ep.backends.cuda import buffer_bytes_needed
+    itemsize = jnp.dtype(dtype).itemsize
+    if num_nodes > 1:
+      F = num_worst_forward_tokens or max(num_tokens, 1)
+      rows = num_nodes * F
+      return buffer_bytes_needed(num_ranks // num_nodes, rows, num_ranks * F, hidden,
+                                 num_topk, itemsize)
     capacity = num_worst_tokens or num_tokens * num_ranks
-    return buffer_bytes_needed(num_ranks, num_tokens, capacity, hidden, num_topk,
-                               jnp.dtype(dtype).itemsize)
+    return buffer_bytes_needed(num_ranks, num_tokens, capacity, hidden, num_topk, itemsize)
 
   @staticmethod
   def get_low_latency_buffer_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,

@@ -370,11 +370,9 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
   R, N, H, K, E = mesh.size, num_tokens, hidden, num_topk, num_experts
   cap = num_worst_tokens or N * R
   jdt = jnp.dtype(dtype)
-  nbytes = None
-  if backend == "cuda":  # two axes: the local hop's dispatch, Nn * N slot rows over L
-    nbytes = (jax_ep.Buffer.get_buffer_size_hint(nodes * N, H, R // nodes, K, jdt, R * N)
-              if nodes else jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt,
-                                                               num_worst_tokens))
+  nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jdt, num_worst_tokens,
+                                               num_nodes=max(nodes, 1))
+            if backend == "cuda" else None)
   buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
 
   def per_rank(x, idx, w, y, x2):

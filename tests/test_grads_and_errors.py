@@ -144,6 +144,14 @@ def test_buffer_size_hint_matches_the_documented_layout():
     dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
     got = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, dtype, num_worst_tokens=M)
     assert got == expected, (N, H, R, K, itemsize, M)
+  # Two axes: the cuda local hop dispatches Nn * F slot rows over the L local
+  # ranks into L * Nn * F rows (F = N by default).
+  for (N, H, R, Nn, F) in [(4096, 7168, 16, 2, None), (64, 256, 8, 4, 20)]:
+    L, F_ = R // Nn, F or N
+    got = jax_ep.Buffer.get_buffer_size_hint(N, H, R, 8, num_nodes=Nn,
+                                             num_worst_forward_tokens=F)
+    assert got == jax_ep.Buffer.get_buffer_size_hint(Nn * F_, H, L, 8,
+                                                     num_worst_tokens=L * Nn * F_)
 
 
 @pytest.mark.parametrize("R", [2, 4, 8])

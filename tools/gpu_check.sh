@@ -12,6 +12,7 @@
 #   bench      python -m jax_ep.bench --dtypes bf16,fp8 --out $OUT (one process, every GPU)
 #   bench-ll   the low-latency mode, bf16 and FP8 (--mode low_latency), into $OUT/ll
 #   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
+#   bench-mesh the two-axis Buffer (--mesh Gx1: node hop on NCCL, local hop ours)
 #   sanitizer  compute-sanitizer memcheck of the main job over every GPU (0 errors)
 #   kernels    per-kernel device times at R = 1 (ncu)
 #   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
@@ -131,6 +132,12 @@ if has bench-pergpu && [ "$NGPU" -gt 1 ]; then
   echo "=== bench, one process per GPU"
   timeout 560 $PY -m jax_ep.bench --ranks "$NGPU" --gpus "$NGPU" --out "$OUT/pergpu" ${BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_pergpu.log" | tail -10
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench-mesh && [ "$NGPU" -gt 1 ]; then
+  echo "=== bench, two axes (node = $NGPU, local = 1: node hop on NCCL, local hop on our kernels)"
+  JAX_PLATFORMS=cuda timeout 400 $PY -m jax_ep.bench --mesh "${NGPU}x1" --backends cuda,xla \
+    --out "$OUT/mesh" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_mesh.log" | tail -8
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if has bench-emulated; then
