@@ -4,30 +4,31 @@
 // as two kernels so that other work can run between them. See docs/design.md
 // "Low-latency mode" and buffer_layout.h for the regions.
 //
-// Dispatch. The send kernel writes each token's row once into every rank that
+// Dispatch. The send phase writes each token's row once into every rank that
 // holds any of its experts (a row per (token, rank), not per (token, k): the
 // receiver makes the copies, so only distinct rows cross the link), together
 // with the token's ids, at slot (source rank, token) of that rank's buffer, and
 // flags the slot. Tokens a rank does not need still get their ids and flag
 // there, so the receiver hears from every slot of every source. The receive
-// kernel waits for all R*T flags, numbers each local expert's copies in
+// phase waits for all R*T flags, numbers each local expert's copies in
 // (source, token, k) order (one block per expert, a block-wide prefix sum over
 // the ids) and copies the rows into recv_x, grouped by expert.
 //
-// Combine. The send kernel adds up, on the expert's rank, each token's local
+// Combine. The send phase adds up, on the expert's rank, each token's local
 // copies weighted in float32 (the weights are read from the home rank's
 // buffer, where it put them before its hello) and writes that one float32
 // partial sum into the home rank's buffer, flagged with whether there was any.
-// The receive kernel adds the partials of every rank in rank order. Float32
+// The receive phase adds the partials of every rank in rank order. Float32
 // on the wire keeps the whole sum in float32; per-copy bf16 rows (DeepEP's
 // choice) would cross the link K/R times over. backends/xla_ll.py moves the
 // same rows and partials with all-to-alls and is the oracle.
 //
-// Ordering. A send opens with a hello like every op (intranode.cu) and ends by
-// marking its receive pending (FinishOp); the receive finds the sequence
-// number in the send's ticket, checks that the send was the Buffer's last op,
-// and clears the mark. Every other op refuses to start while a receive is
-// pending (CheckedEntry), so nothing can overwrite rows in flight.
+// Ordering. Every op opens with a hello like the intranode ops. In the split
+// form the send kernel ends by marking its receive pending (FinishOp); the
+// receive kernel finds the sequence number in the send's ticket, checks that
+// the send was the Buffer's last op, and clears the mark. Every other op
+// refuses to start while a receive is pending (CheckedEntry), so nothing can
+// overwrite rows in flight. A plain op (one kernel) marks nothing.
 #include <algorithm>
 
 #include "common.cuh"
