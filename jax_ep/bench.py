@@ -102,6 +102,20 @@ def node_hop_bytes_per_rank(is_token_in_rank_of_each_rank, num_local: int,
   return rows * row_bytes / len(is_token_in_rank_of_each_rank)
 
 
+def local_hop_bytes_per_rank(is_token_in_rank_of_each_rank, num_local: int,
+                             row_bytes: int) -> float:
+  """Rows a two-axis Buffer's local hop moves between ranks: the forwarder of
+  (token, node n) is rank (n, l) of the token's local index l, and it sends the
+  row to every other rank of node n that needs it. Averaged over ranks."""
+  import numpy as np
+  L, rows = num_local, 0
+  for s, m in enumerate(is_token_in_rank_of_each_rank):
+    m = np.asarray(m)
+    per_node = m.reshape(m.shape[0], -1, L)  # [N, Nn, L]
+    rows += int(np.delete(per_node, s % L, axis=2).sum())
+  return rows * row_bytes / len(is_token_in_rank_of_each_rank)
+
+
 def p2p_bandwidths(num_gpus: int) -> dict:
   """Copy-engine GB/s each way for every pair of GPUs ("0-1": 393.0)."""
   from jax_ep import _ext
@@ -324,6 +338,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     res["op_local_bytes"] = {op: 2 * N * b for op, b in per_op.items()}
   if isinstance(axis, tuple):  # what crosses the node axis, once per destination node
     res["node_hop_bytes"] = node_hop_bytes_per_rank(masks, mesh.shape[axis[1]], H * 2)
+    res["local_hop_bytes"] = local_hop_bytes_per_rank(masks, mesh.shape[axis[1]], H * 2)
     res["crossing_bytes"] = crossing_bytes_per_rank(masks, H * 2)
   res["clock"] = "device" if device_clock else "host"
   res["num_sms"] = getattr(buf._backend, "num_sms", None)  # the value in effect
@@ -387,6 +402,7 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandw
   row.update(num_sms=res.get("num_sms", num_sms), clock=res["clock"])
   if "node_hop_bytes" in res:  # two-axis mesh: MB per rank across the node axis
     row["node_hop_mb"] = round(res["node_hop_bytes"] / 1e6, 2)
+    row["local_hop_mb"] = round(res["local_hop_bytes"] / 1e6, 2)
     row["flat_crossing_mb"] = round(res["crossing_bytes"] / 1e6, 2)
   for op, t in med.items():
     row[f"{_US_KEYS[op]}_us"] = round(t * 1e6, 2)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from jax_ep import bench
 from jax_ep import testing as ept
 
@@ -116,3 +118,21 @@ def test_rank_bench_carries_mode_and_dtype_to_the_rows():
   assert [(r["mode"], r["dtype"]) for r in rows] == [("low_latency", "bf16"),
                                                      ("low_latency", "fp8")]
   assert rows[0]["combine_us"] is not None and rows[1]["combine_us"] is None
+
+
+def test_local_hop_bytes_count_forwarded_rows_to_other_local_ranks():
+  # A two-axis Buffer's local hop: the forwarder of (token, node n) is rank
+  # (n, l) with the token's own local index l; it sends the row to each other
+  # rank of node n that needs it. Counted here loop by loop, against the bench.
+  rng = np.random.default_rng(4)
+  Nn, L, N, row = 2, 3, 11, 8
+  R = Nn * L
+  masks = [rng.random((N, R)) < 0.4 for _ in range(R)]
+  rows = 0
+  for s, m in enumerate(masks):
+    for i in range(N):
+      for n in range(Nn):
+        rows += sum(int(m[i, n * L + l]) for l in range(L) if l != s % L)
+  assert rows > 0
+  assert bench.local_hop_bytes_per_rank(masks, L, row) == rows * row / R
+  assert bench.local_hop_bytes_per_rank(masks, 1, row) == 0  # one local rank: no local hop
