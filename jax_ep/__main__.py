@@ -20,7 +20,7 @@ def main(argv=None) -> int:
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--mesh", default="",
                   help="NODExLOCAL (e.g. 2x4): expert parallelism over a two-axis mesh "
-                       "('node', 'local') of the first NODE*LOCAL devices (xla hops)")
+                       "('node', 'local') of the first NODE*LOCAL devices")
   args = ap.parse_args(argv)
   from jax_ep._ext import ensure_host_devices
   ensure_host_devices()

@@ -456,7 +456,7 @@ def main(argv=None) -> int:
                   "(default: print the table only)")
   ap.add_argument("--mesh", default="",
                   help="NODExLOCAL (e.g. 2x4): a two-axis Buffer over ('node', 'local') "
-                       "on this process's first NODE*LOCAL devices (xla hops)")
+                       "on this process's first NODE*LOCAL devices")
   ap.add_argument("--mode", choices=("normal", "low_latency"), default="normal",
                   help="low_latency: time low_latency_dispatch / low_latency_combine "
                        "(default shape: small on GPUs, tiny on CPU)")

@@ -32,7 +32,8 @@ class Buffer:
     axis_name: the expert-parallel axis; its size is the number of ranks R. Or
       two axes ``(node, local)``: R = |node| * |local|, rank ``node * |local| +
       local``, the same contract, with rows crossing the node axis once per
-      destination node (``backends/hierarchical.py``; xla hops only for now).
+      destination node (``backends/hierarchical.py``: the node hop on XLA's
+      collectives, the local hop on the local axis's own backend).
     backend: ``"xla"`` (portable ``lax.all_to_all``), ``"cuda"`` (our kernels
       over NVLink peer memory), ``"auto"`` (``"cuda"`` when the mesh devices
       are NVIDIA GPUs and the extension was built with CUDA, else ``"xla"``),

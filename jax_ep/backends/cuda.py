@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep import _ext, _ops
+from jax_ep.fp8 import FP8_DTYPE
 from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
@@ -132,11 +133,6 @@ def byte_rows_as_bf16(rows):
     rows = jnp.pad(rows, ((0, 0), (0, wp - w)))
   view = lax.bitcast_convert_type(rows.reshape(n, wp // 2, 2), jnp.bfloat16)
   return view, lambda received: bf16_rows_as_bytes(received, w)
-
-
-def _fp8_dtype():
-  from jax_ep import fp8
-  return fp8.FP8_DTYPE
 
 
 def bf16_rows_as_bytes(received, width: int):
@@ -378,13 +374,15 @@ class CudaLowLatencyState:
   num_max_tokens: int
   num_topk: int
   num_experts: int
-  row_dtype: str      # what was sent: bfloat16, float32, or uint8 (FP8 rows)
-  row_width: int      # elements (bytes for uint8) per sent row
+  row_dtype: str      # rows as the kernels move them: bfloat16 or float32
+  row_width: int      # their elements
+  byte_width: int     # FP8 byte rows (moved as bfloat16): their bytes, else 0
 
 
 jax.tree_util.register_dataclass(
     CudaLowLatencyState, data_fields=["ticket"],
-    meta_fields=["num_max_tokens", "num_topk", "num_experts", "row_dtype", "row_width"])
+    meta_fields=["num_max_tokens", "num_topk", "num_experts", "row_dtype", "row_width",
+                 "byte_width"])
 
 
 class CudaLowLatency:
@@ -469,7 +467,7 @@ class CudaLowLatency:
   def _received(self, recv, tail, count, src_slot, recv_slot, restore, split):
     El, rows = src_slot.shape
     if split:  # already apart: no pass over the [E_local, R*T, ...] outputs
-      recv = (lax.bitcast_convert_type(recv, _fp8_dtype()).reshape(El, rows, split),
+      recv = (lax.bitcast_convert_type(recv, FP8_DTYPE).reshape(El, rows, split),
               tail.reshape(El, rows, split // 128))
     else:
       recv = restore(recv.reshape(El, rows, recv.shape[-1]))
@@ -499,17 +497,14 @@ class CudaLowLatency:
         "jax_ep_ll_dispatch_send", (jax.ShapeDtypeStruct((), jnp.uint32),), view, topk_idx,
         _or_empty(None, K), jnp.zeros((), jnp.int32), self._b._rank(),
         **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
-    return CudaLowLatencyState(ticket, num_max_tokens, K, num_experts,
-                               jnp.dtype(rows.dtype).name, rows.shape[1])
+    return CudaLowLatencyState(ticket, num_max_tokens, K, num_experts, view.dtype.name,
+                               view.shape[1], rows.shape[1] if rows.dtype == jnp.uint8 else 0)
 
   def dispatch_recv(self, state: CudaLowLatencyState, num_experts, split=0):
-    T, K, width = state.num_max_tokens, state.num_topk, state.row_width
-    if state.row_dtype == "uint8":  # as _rows_to_send sent them
-      view = jax.ShapeDtypeStruct((1, -(-width // 16) * 8), jnp.bfloat16)
-      restore = lambda received: bf16_rows_as_bytes(received, width)
-    else:
-      view = jax.ShapeDtypeStruct((1, width), state.row_dtype)
-      restore = lambda received: received
+    T, K, nbytes = state.num_max_tokens, state.num_topk, state.byte_width
+    view = jax.ShapeDtypeStruct((1, state.row_width), state.row_dtype)
+    restore = ((lambda received: bf16_rows_as_bytes(received, nbytes)) if nbytes
+               else (lambda received: received))
     outs = self._b._call(
         "jax_ep_ll_dispatch_recv", self._recv_shapes(num_experts, T, K, view, split),
         state.ticket, self._b._rank(),
@@ -557,7 +552,7 @@ class CudaLowLatency:
         y.reshape(El * rows, H), _or_empty(weights, K), handle.recv_slot, self._b._rank(),
         **self._attrs(num_experts=El * R, num_max_tokens=rows // R, num_topk=K,
                       has_weights=weights is not None))
-    return CudaLowLatencyState(ticket, rows // R, K, El * R, jnp.dtype(y.dtype).name, H)
+    return CudaLowLatencyState(ticket, rows // R, K, El * R, jnp.dtype(y.dtype).name, H, 0)
 
   def combine_recv(self, state: CudaLowLatencyState, num_tokens, dtype):
     T, K, H = state.num_max_tokens, state.num_topk, state.row_width

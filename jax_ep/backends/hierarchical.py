@@ -151,8 +151,6 @@ def _take(a: jax.Array, src: jax.Array) -> jax.Array:
 
 
 class HierarchicalBackend:
-  name = "xla"
-
   def __init__(self, axis_name: tuple, num_nodes: int, num_local: int, local):
     self.axis_name = axis_name
     self.node_axis, self.local_axis = axis_name
@@ -225,7 +223,7 @@ class HierarchicalBackend:
   def dispatch(self, x, topk_idx, topk_weights, layout, num_experts, num_worst_tokens,
                num_worst_forward_tokens=None):
     Nn, L, R, M = self.num_nodes, self.num_local, self.num_ranks, num_worst_tokens
-    N, K = topk_idx.shape
+    N = topk_idx.shape[0]
     F = num_worst_forward_tokens or max(N, 1)  # a token goes to a node at most once
     experts_per_rank = num_experts // R
     me = lax.axis_index(self.axis_name)
