@@ -324,3 +324,28 @@ def test_contract_check_over_two_axes(nodes):
                            num_experts=16, num_worst_tokens=200)
   assert res["num_ranks"] == 8 and res["ranks"] == list(range(8))
   assert any(n > res["capacity"] for n in res["num_recv_tokens"].values())  # drops
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (4, 2)])
+def test_gather_by_dispatch_is_all_gather(shape):
+  # The cuda local hop gathers the forwarders' metadata with a dispatch (XLA's NCCL
+  # refuses local ranks that share a GPU); the same function on the xla backend's
+  # dispatch must give lax.all_gather's result, including -1s and odd lengths.
+  from jax_ep.backends.hierarchical import gather_by_dispatch
+  from jax_ep.backends.xla import XlaBackend
+  hmesh, _ = _meshes(shape)
+  L = shape[1]
+  local = XlaBackend("local", L)
+  rng = np.random.default_rng(5)
+  a = rng.integers(0, 1 << 30, (R, 7)).astype(np.int32)
+  a[rng.random(a.shape) < 0.3] = -1
+  a = jnp.asarray(a)
+
+  def both(v):
+    v = v[0]
+    return gather_by_dispatch(local, L, v)[None], lax.all_gather(v, "local")[None]
+
+  got, want = jax.jit(jax.shard_map(both, mesh=hmesh, in_specs=P(AXES),
+                                    out_specs=P(AXES)))(a)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.asarray(want).shape == (R, L, 7) and np.any(np.asarray(a) == -1)

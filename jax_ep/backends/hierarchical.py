@@ -150,6 +150,34 @@ def _take(a: jax.Array, src: jax.Array) -> jax.Array:
   return jnp.where(mask, rows, jnp.zeros((), a.dtype))
 
 
+def gather_local(local, local_axis: str, num_local: int, a: jax.Array) -> jax.Array:
+  """``[L, n]``: every local rank's int32 vector ``a [n]``, in local index order.
+
+  With the xla local hop this is ``lax.all_gather``. With the cuda local hop it is a
+  dispatch of one row to every local rank on our kernels: the ranks of a node may share
+  a GPU (emulated ranks), where XLA's NCCL refuses a communicator ("Duplicate GPU
+  detected"), and the local axis is the local hop's anyway. Rows arrive in source rank
+  order, bit for bit, so the two agree exactly.
+  """
+  if num_local == 1:
+    return a[None]
+  if local.name != "cuda":
+    return lax.all_gather(a, local_axis)
+  return gather_by_dispatch(local, num_local, a)
+
+
+def gather_by_dispatch(local, num_local: int, a: jax.Array) -> jax.Array:
+  """``gather_local`` on a flat backend's dispatch (one expert per local rank, the
+  one token routed to all of them). Any flat backend does it; the CPU tests check it
+  on the xla one against ``lax.all_gather``."""
+  n, L = a.shape[0], num_local
+  width = max(4, -(-n // 4) * 4)  # rows of a multiple of 16 bytes
+  row = jnp.zeros((1, width), jnp.int32).at[0, :n].set(a.astype(jnp.int32))
+  to_all = jnp.arange(L, dtype=jnp.int32)[None, :]
+  rows = local.dispatch(row, to_all, None, None, L, L)[0]
+  return rows[:, :n]
+
+
 class HierarchicalBackend:
   def __init__(self, axis_name: tuple, num_nodes: int, num_local: int, local):
     self.axis_name = axis_name
@@ -242,9 +270,17 @@ class HierarchicalBackend:
     # What reaches each destination rank: rows are numbered as in the flat case
     # among the tokens that got past the node hop (all of them unless F overflows).
     arrives = is_in & jnp.repeat(forward_pos >= 0, L, axis=1)
-    counts = lax.all_gather(jnp.stack([layout.num_tokens_per_rank,
-                                       arrives.sum(axis=0, dtype=jnp.int32)]),
-                            self.axis_name)  # [R(s), 2, R(d)]: routed, arriving
+    # Every rank's counts, and every forwarder of this node's slot sources (for the
+    # rows' source tokens below): gathered over the node axis by XLA, then over the
+    # local axis by the local hop (see gather_local).
+    node_counts = lax.all_gather(jnp.stack([layout.num_tokens_per_rank,
+                                            arrives.sum(axis=0, dtype=jnp.int32)]),
+                                 self.node_axis)  # [Nn, 2, R(d)]: routed, arriving
+    gathered = gather_local(self.local, self.local_axis, L, jnp.concatenate(
+        [node_counts.reshape(-1), forward_src_idx.reshape(-1)]))
+    counts = gathered[:, :Nn * 2 * R].reshape(L, Nn, 2, R).transpose(1, 0, 2, 3).reshape(
+        R, 2, R)  # [R(s) = n * L + l, 2, R(d)]
+    all_src = gathered[:, Nn * 2 * R:].reshape(L, Nn, F)  # forwarder l's forward_src_idx
     send_pos = send_positions(arrives, counts[:, 1], me, M)
     num_recv_tokens = counts[:, 0, me].sum().astype(jnp.int32).reshape(1)
 
@@ -273,8 +309,7 @@ class HierarchicalBackend:
       order = jnp.concatenate([order, jnp.zeros((M - local_cap,), jnp.int32)])
     row_key = jnp.where(jnp.arange(M) < local_cap, key[order], past)
     local_row = jnp.where(row_key < past, order, -1)
-    # Each row's source token: the forwarder's slot source, gathered over the node.
-    all_src = lax.all_gather(forward_src_idx, self.local_axis)  # [L, Nn, F]
+    # Each row's source token: its forwarder's slot source.
     src_l = jnp.maximum(_take(lh.recv_src_rank, local_row), 0)
     src_n = jnp.maximum(_take(n_s, local_row), 0)
     src_p = jnp.maximum(_take(p, local_row), 0)
