@@ -174,8 +174,10 @@ def gather_by_dispatch(local, num_local: int, a: jax.Array) -> jax.Array:
   width = max(4, -(-n // 4) * 4)  # rows of a multiple of 16 bytes
   row = jnp.zeros((1, width), jnp.int32).at[0, :n].set(a.astype(jnp.int32))
   to_all = jnp.arange(L, dtype=jnp.int32)[None, :]
-  rows = local.dispatch(row, to_all, None, None, L, L)[0]
-  return rows[:, :n]
+  # The kernels move bfloat16 or float32 rows, bit for bit: int32 travels as float32.
+  rows = local.dispatch(lax.bitcast_convert_type(row, jnp.float32), to_all, None, None,
+                        L, L)[0]
+  return lax.bitcast_convert_type(rows[:, :n], jnp.int32)
 
 
 class HierarchicalBackend:
