@@ -211,6 +211,45 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
   return t;
 }
 
+// Phase timestamps, for finding where a kernel's time goes (a profiler sees
+// only the whole kernel). Built in with the CMake option JAX_EP_PHASE_TRACE
+// (pip install -C cmake.define.JAX_EP_PHASE_TRACE=ON ...); otherwise empty.
+// Thread 0 of the first and of the last block notes %globaltimer at each Mark
+// and, for one op in 64, prints the time since the kernel started per phase.
+struct PhaseTrace {
+#ifdef JAX_EP_PHASE_TRACE
+  static constexpr int kMarks = 8;
+  uint64_t start = GlobalTimerNs(), at[kMarks] = {};
+  const char* name[kMarks] = {};
+  int n = 0;
+  __device__ void Mark(const char* phase) {
+    if (threadIdx.x == 0 && n < kMarks) {
+      at[n] = GlobalTimerNs() - start;
+      name[n++] = phase;
+    }
+  }
+  __device__ void Print(const char* op, int rank, uint32_t seq) const {
+    if (threadIdx.x != 0 || (seq & 63) != 5 || (blockIdx.x != 0 && blockIdx.x + 1 != gridDim.x)) {
+      return;
+    }
+    const char* nm[kMarks];
+    unsigned long long t[kMarks];
+    for (int j = 0; j < kMarks; ++j) {
+      nm[j] = j < n ? name[j] : "-";
+      t[j] = j < n ? at[j] : 0ull;
+    }
+    printf("jax_ep phase trace: %s rank %d block %u seq %u start %llu ns | %s %llu | %s %llu | "
+           "%s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu\n",
+           op, rank, blockIdx.x, seq, static_cast<unsigned long long>(start % 1000000000ull),
+           nm[0], t[0], nm[1], t[1], nm[2], t[2], nm[3], t[3], nm[4], t[4], nm[5], t[5], nm[6],
+           t[6], nm[7], t[7]);
+  }
+#else
+  __device__ __forceinline__ void Mark(const char*) {}
+  __device__ __forceinline__ void Print(const char*, int, uint32_t) const {}
+#endif
+};
+
 // ---------------------------------------------------------------------------
 // Faults. A kernel that cannot go on (a peer that never answers, ranks that
 // disagree on the op, a stale layout, ...) writes what happened into the

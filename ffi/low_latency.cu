@@ -127,7 +127,8 @@ __device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, 
 // Dispatch, send: task (token i, rank d) per warp.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int me, char* own,
-                                                  uint32_t seq, uint32_t shape_hash) {
+                                                  uint32_t seq, uint32_t shape_hash,
+                                                  PhaseTrace& trace) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
@@ -142,6 +143,7 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
     WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   }
   __syncthreads();
+  trace.Mark("hello");
 
   const char* x = static_cast<const char*>(a.x);
   const int64_t n16 = row_bytes / 16;
@@ -178,17 +180,22 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
       StoreReleaseSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
     }
   }
+  trace.Mark("send");
 }
 
 // The split form's send: marks its receive pending.
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
   const int op = kOpLowLatencyDispatch;
+  PhaseTrace trace;
   const Entry entry = CheckedEntry(a.group, a.rank, op);
+  trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  DispatchSendPhase(a, entry.rank, entry.own, seq, shape_hash);
+  DispatchSendPhase(a, entry.rank, entry.own, seq, shape_hash, trace);
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
   FinishOp(entry.own, seq, pending);
+  trace.Mark("finish");
+  trace.Print("ll dispatch send", entry.rank, seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -198,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------
 template <bool kCached>
 __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int me, char* own,
-                                                  uint32_t seq) {
+                                                  uint32_t seq, PhaseTrace& trace) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
@@ -214,6 +221,7 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
     WaitFlag(g, flags + f, seq, op, me, static_cast<int>(f / T), a.timeout_ns);
   }
   __syncthreads();
+  trace.Mark("flags");
 
   const int32_t* ids = At<const int32_t>(own, reg.ids);
   const float* slot_weights = At<const float>(own, reg.weights);
@@ -250,6 +258,7 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       if (tid == 0) a.recv_count[e] = static_cast<int32_t>(count);
     }
     __syncthreads();
+    trace.Mark("prefix");
   }
   // The block's rows (its experts' in turn) cut into parts of one round of
   // loads per lane (32 * kCopyUnroll vectors); part j goes to warp j % kWarps,
@@ -297,6 +306,7 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       }
     }
   }
+  trace.Mark("copy");
   if (!kCached) {  // slots of other ranks' experts, and invalid ids
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + tid; j < S;
          j += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -304,17 +314,22 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       if (!(id >= 0 && id < E && id / El == me)) a.recv_slot[j] = -1;
     }
   }
+  trace.Mark("slots");
 }
 
 // The split form's receive: the send before it must be the Buffer's last op.
 template <bool kCached>
 __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const DispatchRecvArgs a) {
   const int op = kOpLowLatencyDispatch;
+  PhaseTrace trace;
   const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
   const uint32_t seq = CheckedReceive(a.group, entry, op);
-  DispatchRecvPhase<kCached>(a, entry.rank, entry.own, seq);
+  trace.Mark("entry");
+  DispatchRecvPhase<kCached>(a, entry.rank, entry.own, seq, trace);
   const uint32_t none[2] = {0, 0};
   FinishOp(entry.own, seq, none);
+  trace.Mark("finish");
+  trace.Print("ll dispatch recv", entry.rank, seq);
 }
 
 // The plain op: both phases in one kernel (a block goes on to receive as soon
@@ -322,11 +337,15 @@ __global__ void __launch_bounds__(kThreads, 1) DispatchRecvKernel(const Dispatch
 template <bool kCached>
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchKernel(const DispatchSendArgs s, const DispatchRecvArgs r, const uint32_t shape_hash) {
+  PhaseTrace trace;
   const Entry entry = CheckedEntry(s.group, s.rank, kOpLowLatencyDispatch);
+  trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  DispatchSendPhase(s, entry.rank, entry.own, seq, shape_hash);
-  DispatchRecvPhase<kCached>(r, entry.rank, entry.own, seq);
+  DispatchSendPhase(s, entry.rank, entry.own, seq, shape_hash, trace);
+  DispatchRecvPhase<kCached>(r, entry.rank, entry.own, seq, trace);
   FinishOp(entry.own, seq);
+  trace.Mark("finish");
+  trace.Print("ll dispatch", entry.rank, seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -338,7 +357,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------
 template <typename Elt>
 __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int me, char* own,
-                                                 uint32_t seq, uint32_t shape_hash) {
+                                                 uint32_t seq, uint32_t shape_hash,
+                                                 PhaseTrace& trace) {
   using Traits = VecTraits<Elt>;
   extern __shared__ __align__(128) char smem[];  // two stages of H floats
   const GroupView& g = a.group;
@@ -364,6 +384,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
   }
   if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   __syncthreads();
+  trace.Mark("hello");
 
   const char* y = static_cast<const char*>(a.y);
   const int64_t n16 = in_row / 16;
@@ -433,6 +454,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     }
     __syncthreads();  // copy_row and num_copies are rewritten for the next token
   }
+  trace.Mark("sums");
   // Once the block's partial sums have landed, its flags: (token, whether any
   // copy was here).
   if (tid == 0) {
@@ -448,17 +470,22 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
       StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, s), reg.flags) + me * T + i, FlagValue(seq, low));
     }
   }
+  trace.Mark("flagged");
 }
 
 template <typename Elt>
 __global__ void __launch_bounds__(kThreads, 1)
     CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
   const int op = kOpLowLatencyCombine;
+  PhaseTrace trace;
   const Entry entry = CheckedEntry(a.group, a.rank, op);
+  trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  CombineSendPhase<Elt>(a, entry.rank, entry.own, seq, shape_hash);
+  CombineSendPhase<Elt>(a, entry.rank, entry.own, seq, shape_hash, trace);
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
   FinishOp(entry.own, seq, pending);
+  trace.Mark("finish");
+  trace.Print("ll combine send", entry.rank, seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -466,7 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------
 template <typename Elt>
 __device__ __forceinline__ void CombineRecvPhase(const CombineRecvArgs& a, int me, char* own,
-                                                 uint32_t seq) {
+                                                 uint32_t seq, PhaseTrace& trace) {
   using Traits = VecTraits<Elt>;
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
@@ -507,27 +534,36 @@ __device__ __forceinline__ void CombineRecvPhase(const CombineRecvArgs& a, int m
     }
     __syncthreads();
   }
+  trace.Mark("recv");
 }
 
 template <typename Elt>
 __global__ void __launch_bounds__(kThreads, 1) CombineRecvKernel(const CombineRecvArgs a) {
   const int op = kOpLowLatencyCombine;
+  PhaseTrace trace;
   const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
   const uint32_t seq = CheckedReceive(a.group, entry, op);
-  CombineRecvPhase<Elt>(a, entry.rank, entry.own, seq);
+  trace.Mark("entry");
+  CombineRecvPhase<Elt>(a, entry.rank, entry.own, seq, trace);
   const uint32_t none[2] = {0, 0};
   FinishOp(entry.own, seq, none);
+  trace.Mark("finish");
+  trace.Print("ll combine recv", entry.rank, seq);
 }
 
 // The plain op: both phases in one kernel.
 template <typename Elt>
 __global__ void __launch_bounds__(kThreads, 1)
     CombineKernel(const CombineSendArgs s, const CombineRecvArgs r, const uint32_t shape_hash) {
+  PhaseTrace trace;
   const Entry entry = CheckedEntry(s.group, s.rank, kOpLowLatencyCombine);
+  trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  CombineSendPhase<Elt>(s, entry.rank, entry.own, seq, shape_hash);
-  CombineRecvPhase<Elt>(r, entry.rank, entry.own, seq);
+  CombineSendPhase<Elt>(s, entry.rank, entry.own, seq, shape_hash, trace);
+  CombineRecvPhase<Elt>(r, entry.rank, entry.own, seq, trace);
   FinishOp(entry.own, seq);
+  trace.Mark("finish");
+  trace.Print("ll combine", entry.rank, seq);
 }
 
 }  // namespace
