@@ -194,6 +194,12 @@ __device__ __forceinline__ void BulkWait() {
   asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads') over `threads` threads of the block:
+// a group of warps that works on one task synchronizes without the others.
+__device__ __forceinline__ void GroupBarrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Generic-proxy shared-memory writes -> later bulk stores that read them.
 __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

@@ -40,6 +40,14 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
+// The send phases work on a task (a token for one rank) per group of warps, two
+// groups per block, each with its own named barrier (1 + group). With a task
+// per warp (dispatch) or per block (combine), one task's chain of latencies set
+// the phase's time at small batches: the phase trace showed ~8 us for one warp
+// to push one 14 KB row, and ~5 us per combine task with two tasks in turn.
+constexpr int kGroupWarps = 8;
+constexpr int kGroups = kWarps / kGroupWarps;
+constexpr int kGroupThreads = kGroupWarps * 32;
 // 16-byte loads in flight per lane when a warp copies a row.
 constexpr int kCopyUnroll = 16;
 // Copies of one token summed per round of loads in the combine.
@@ -147,9 +155,13 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
 
   const char* x = static_cast<const char*>(a.x);
   const int64_t n16 = row_bytes / 16;
-  // Task t = (token t / R, rank t % R); consecutive tasks on different SMs.
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t t = warp * static_cast<int64_t>(gridDim.x) + blockIdx.x; t < T * R; t += step) {
+  // Task t = (token t / R, rank t % R) per group, consecutive tasks on different
+  // SMs; warp gw of the group copies part gw of the row, warp 0 the ids.
+  const int group = warp / kGroupWarps, gw = warp % kGroupWarps;
+  const int64_t part = (n16 + kGroupWarps - 1) / kGroupWarps;
+  const int64_t v0 = min(n16, gw * part), nv = min(n16 - v0, part);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t t = group * static_cast<int64_t>(gridDim.x) + blockIdx.x; t < T * R; t += step) {
     const int64_t i = t / R;
     const int d = static_cast<int>(t % R);
     char* dst = PeerAt(g, d);
@@ -160,23 +172,26 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
       int32_t id = -1;
       if (k < K) {
         if (i < N) id = __ldg(a.topk_idx + i * K + k);
-        At<int32_t>(dst, reg.ids)[slot0 + k] = id;
-        if (a.weights != nullptr) {
-          At<float>(dst, reg.weights)[slot0 + k] = i < N ? __ldg(a.weights + i * K + k) : 0.f;
+        if (gw == 0) {
+          At<int32_t>(dst, reg.ids)[slot0 + k] = id;
+          if (a.weights != nullptr) {
+            At<float>(dst, reg.weights)[slot0 + k] = i < N ? __ldg(a.weights + i * K + k) : 0.f;
+          }
         }
       }
       routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
     }
-    if (routed) {
+    if (routed && nv > 0) {
       int4* row = reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes);
-      WarpCopyRow<kCopyUnroll, false>(row, reinterpret_cast<const int4*>(x + i * row_bytes), n16,
+      WarpCopyRow<kCopyUnroll, false>(row + v0,
+                                      reinterpret_cast<const int4*>(x + i * row_bytes) + v0, nv,
                                       lane);
     }
-    // The warp's stores, then the flag: one release by lane 0 after the warp
-    // barrier (cumulative over the lanes' stores; a system fence in every lane
+    // The group's stores, then the flag: one release after the group's barrier
+    // (cumulative over the stores it ordered; a system fence in every lane
     // costs far more).
-    __syncwarp();
-    if (lane == 0) {
+    GroupBarrier(1 + group, kGroupThreads);
+    if (gw == 0 && lane == 0) {
       StoreReleaseSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
     }
   }
@@ -388,19 +403,27 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
 
   const char* y = static_cast<const char*>(a.y);
   const int64_t n16 = in_row / 16;
-  __shared__ int32_t copy_row[kMaxTopK];
-  __shared__ float copy_weight[kMaxTopK];
-  __shared__ int num_copies;
+  // Task t = (source rank t / T, token t % T) per group, each group with its
+  // own stage and bookkeeping; the group's thread 0 issues its bulk stores.
+  const int group = warp / kGroupWarps, gw = warp % kGroupWarps;
+  const int gtid = tid % kGroupThreads;
+  const int bar = 1 + group;
+  __shared__ int32_t copy_rows[kGroups][kMaxTopK];
+  __shared__ float copy_weights[kGroups][kMaxTopK];
+  __shared__ int num_copies[kGroups];
+  int32_t* copy_row = copy_rows[group];
+  float* copy_weight = copy_weights[group];
   const int64_t part_bytes = 4 * H;
-  int64_t j = 0;
-  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x, ++j) {
+  float* stage = reinterpret_cast<float*>(smem + group * part_bytes);
+  const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+  const int64_t task_step = static_cast<int64_t>(gridDim.x) * kGroups;
+  for (int64_t t = first_task; t < rows; t += task_step) {
     const int s = static_cast<int>(t / T);
     const int64_t i = t % T;
     char* home = PeerAt(g, s);
-    float* stage = reinterpret_cast<float*>(smem + (j & 1) * part_bytes);
-    // The store from this stage two tasks ago must have read it.
-    if (tid == 0) BulkWaitRead<1>();
-    if (warp == 0) {  // this token's copies here, in k order, with their weights
+    // The group's previous bulk store must have read the stage.
+    if (gtid == 0) BulkWaitRead<0>();
+    if (gw == 0) {  // this token's copies here, in k order, with their weights
       const int32_t r = lane < K ? CopyRow(a.recv_slot, t * K + lane, y_rows) : -1;
       const unsigned have = __ballot_sync(kFullMask, r >= 0);
       if (r >= 0) {
@@ -409,12 +432,12 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
         const float* w = At<const float>(home, reg.weights) + i * K;
         copy_weight[at] = weighted ? __ldcg(w + lane) : 1.f;
       }
-      if (lane == 0) num_copies = __popc(have);
+      if (lane == 0) num_copies[group] = __popc(have);
     }
-    __syncthreads();
-    const int nc = num_copies;
+    GroupBarrier(bar, kGroupThreads);
+    const int nc = num_copies[group];
     if (nc > 0) {
-      for (int64_t v = tid; v < n16; v += kThreads) {
+      for (int64_t v = gtid; v < n16; v += kGroupThreads) {
         float acc[Traits::kElems];
 #pragma unroll
         for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
@@ -445,23 +468,24 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
         for (int q = 0; q < Traits::kElems / 4; ++q) out[q] = VecTraits<float>::Pack(acc + 4 * q);
       }
       FenceProxyAsyncShared();  // the stage's writes, then the bulk store that reads them
-      __syncthreads();
-      if (tid == 0) {
-        BulkStore(At<float>(home, reg.data) + (me * T + i) * H, stage,
-                  static_cast<uint32_t>(part_bytes));
-        BulkCommit();
-      }
     }
-    __syncthreads();  // copy_row and num_copies are rewritten for the next token
+    GroupBarrier(bar, kGroupThreads);
+    // No copy here: the flag says so, and no partial crosses the link.
+    if (gtid == 0 && nc > 0) {
+      BulkStore(At<float>(home, reg.data) + (me * T + i) * H, stage,
+                static_cast<uint32_t>(part_bytes));
+      BulkCommit();
+    }
+    GroupBarrier(bar, kGroupThreads);  // copy_row and num_copies are rewritten next
   }
   trace.Mark("sums");
-  // Once the block's partial sums have landed, its flags: (token, whether any
+  // Once the group's partial sums have landed, its flags: (token, whether any
   // copy was here).
-  if (tid == 0) {
+  if (gtid == 0) {
     BulkWait<0>();
     FenceProxyAsyncGlobal();
     FenceAcqRelSys();
-    for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    for (int64_t t = first_task; t < rows; t += task_step) {
       bool any = false;
       for (int k = 0; k < K; ++k) any |= CopyRow(a.recv_slot, t * K + k, y_rows) >= 0;
       const int s = static_cast<int>(t / T);
