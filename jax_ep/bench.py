@@ -356,15 +356,18 @@ def _attempt(mesh, backend, shape, **kwargs):
 
 
 def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list,
-               mode="normal", dtypes=("bf16",)):
-  """One process of a multi-process benchmark: every backend on the global mesh."""
+               mode="normal", dtypes=("bf16",), nodes=0):
+  """One process of a multi-process benchmark: every backend on the global mesh
+  (``nodes`` > 0: the two-axis mesh of ``testing.two_axis_mesh``)."""
   import jax
   from jax_ep import testing as ept
-  mesh = ept._global_mesh()
+  mesh = ept.two_axis_mesh(nodes) if nodes else ept._global_mesh()
+  axis = tuple(mesh.axis_names) if nodes else "ep"
+  to_global = lambda m, a: ept._to_global(m, a, axis)
   out = {"device_kind": jax.devices()[0].device_kind, "num_ranks": mesh.size, "runs": []}
   for s in shapes:
     for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
-      res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=ept._to_global,
+      res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=to_global,
                      num_sms=num_sms, mode=mode, dtype=dtype)
       out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "dtype": dtype,
                           "res": res})
@@ -456,7 +459,9 @@ def main(argv=None) -> int:
                   "(default: print the table only)")
   ap.add_argument("--mesh", default="",
                   help="NODExLOCAL (e.g. 2x4): a two-axis Buffer over ('node', 'local') "
-                       "on this process's first NODE*LOCAL devices")
+                       "on this process's first NODE*LOCAL devices; with --ranks, over "
+                       "all the ranks, device l*NODE+n as rank (n, l) "
+                       "(testing.two_axis_mesh)")
   ap.add_argument("--mode", choices=("normal", "low_latency"), default="normal",
                   help="low_latency: time low_latency_dispatch / low_latency_combine "
                        "(default shape: small on GPUs, tiny on CPU)")
@@ -495,6 +500,13 @@ def main(argv=None) -> int:
     processes = "per-gpu" if args.gpus else "emulated"
     if args.gpus and args.ranks > args.gpus:  # several ranks share each GPU
       processes = f"per-gpu, {-(-args.ranks // args.gpus)} a GPU"
+    nodes = 0
+    if args.mesh:
+      from jax_ep.__main__ import parse_mesh
+      nodes = parse_mesh(args.mesh, args.ranks)[0]
+      if parse_mesh(args.mesh, args.ranks) != (nodes, args.ranks // nodes):
+        raise SystemExit(f"--mesh {args.mesh} must use all {args.ranks} ranks")
+      processes += f", mesh {args.mesh}"
     # XLA's collectives cannot run two ranks on one GPU; ragged only on request.
     shared = not args.gpus or args.ranks > args.gpus
     backends = (["cuda"] if args.backends == "all" and shared else
@@ -504,7 +516,7 @@ def main(argv=None) -> int:
     res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=580, gpus=args.gpus,
                  kwargs=dict(shapes=shapes, backends=backends, iters=iters,
                              reps=reps, num_sms_list=num_sms_list, mode=args.mode,
-                             dtypes=dtypes))
+                             dtypes=dtypes, nodes=nodes))
     for k, run in enumerate(res[0]["runs"]):
       times = _merge([r["runs"][k]["res"] for r in res])
       rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
@@ -549,12 +561,12 @@ def main(argv=None) -> int:
         rows.append(_row(b, len(devices), f"one, mesh {args.mesh}" if args.mesh else "one",
                          s, num_sms, res, res, copy_gbps, bandwidth=on_gpu,
                          mode=args.mode, dtype=dtype))
-        print(_table([rows[-1]], _columns(on_gpu), header=False), flush=True)
+        print(_table([rows[-1]], _columns(on_gpu, rows[-1:]), header=False), flush=True)
     device = f"{len(devices)} x {devices[0].device_kind}"
 
   p2p_gbps = min(p2p.values()) if p2p else None
   print(f"jax_ep.bench on {device}" + (f", p2p {p2p_gbps} GB/s" if p2p_gbps else ""))
-  print(_table(rows, _columns(on_gpu)))
+  print(_table(rows, _columns(on_gpu, rows)))
   if not on_gpu:
     print(f"(CPU: microseconds per op by the host clock, median of {reps} runs of {iters} "
           "calls; no GB/s: the virtual devices share the host's memory, so no bytes cross "
@@ -614,9 +626,13 @@ def _defaults(args, on_gpu: bool):
   return shapes, iters, reps
 
 
-def _columns(on_gpu: bool):
-  """The table's columns: on CPU no bandwidth (and no cuda num_sms)."""
-  return COLUMNS if on_gpu else tuple(c for c in COLUMNS if c not in BANDWIDTH_COLUMNS)
+def _columns(on_gpu: bool, rows=()):
+  """The table's columns: on CPU no bandwidth (and no cuda num_sms); the hops' MB
+  when a row has them (a two-axis mesh)."""
+  cols = COLUMNS if on_gpu else tuple(c for c in COLUMNS if c not in BANDWIDTH_COLUMNS)
+  if any("node_hop_mb" in r for r in rows):
+    cols = cols[:-1] + ("node_hop_mb", "local_hop_mb") + cols[-1:]  # before the note
+  return cols
 
 
 def _table(rows, columns=COLUMNS, header=True):

@@ -306,6 +306,18 @@ def _global_mesh(axis_name="ep"):
   return Mesh(np.array(devices), (axis_name,))
 
 
+def two_axis_mesh(nodes: int):
+  """The global ("node", "local") mesh of ``nodes`` x R / nodes over every device of
+  every process, device ``l * nodes + n`` (in process order) as rank ``(n, l)``: with
+  one process per GPU on G = ``nodes`` GPUs (``--gpus G``), the ranks of a node share
+  a GPU (the local hop over CUDA IPC) and each node hop pairs different GPUs (XLA's
+  NCCL refuses two ranks on one GPU)."""
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  L = len(devices) // nodes
+  grid = np.array([[devices[l * nodes + n] for l in range(L)] for n in range(nodes)])
+  return Mesh(grid, ("node", "local"))
+
+
 def _to_global(mesh, per_rank, axis_name="ep"):
   """Per-rank NumPy arrays (every process has all of them) -> a global [R, ...] array."""
   full = np.stack(per_rank)
@@ -351,20 +363,14 @@ def check_contract(process, num_processes, *, seed=0, num_tokens=64, hidden=256,
   row. Raises AssertionError on a mismatch; returns a summary on success.
 
   ``nodes`` > 0: the Buffer spans two axes ("node", "local") of ``nodes`` x
-  R / nodes, the flat contract unchanged (issue 13). Device ``l * nodes + n``
-  (in process order) is rank ``(n, l)``: with one process per GPU on G =
-  ``nodes`` GPUs (``--gpus G``), the ranks of a node share a GPU (the local hop
-  over CUDA IPC) and each node hop pairs different GPUs (XLA's NCCL refuses two
-  ranks on one GPU). Combine is then bit for bit in float32 only (bfloat16
-  rounds the node partials once more, as the contract allows).
+  R / nodes (``two_axis_mesh``), the flat contract unchanged (issue 13).
+  Combine is then bit for bit in float32 only (bfloat16 rounds the node
+  partials once more, as the contract allows).
   """
   import jax_ep
   axis = "ep"
   if nodes:
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    L = len(devices) // nodes
-    grid = np.array([[devices[l * nodes + n] for l in range(L)] for n in range(nodes)])
-    mesh, axis = Mesh(grid, ("node", "local")), ("node", "local")
+    mesh, axis = two_axis_mesh(nodes), ("node", "local")
   else:
     mesh = _global_mesh()
   R, N, H, K, E = mesh.size, num_tokens, hidden, num_topk, num_experts
