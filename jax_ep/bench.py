@@ -24,7 +24,9 @@ which says nothing about NVLink).
 Timing: each op runs ``iters`` times back to back inside one jitted program,
 each call on its own input made on the device beforehand and taking the
 previous call's result through an optimization barrier, so XLA cannot fuse
-independent calls into one kernel. The time of an op is the host time of that
+independent calls into one kernel; one element of every result is read after
+the last call (one small kernel per program, none between the calls; every
+result stays in memory until then). The time of an op is the host time of that
 program less the host time of the same program without the calls (its setup
 only), divided by ``iters``: median of ``reps`` such differences after
 warm-up, the slowest process's where there are several. The host clock is
@@ -211,7 +213,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     return lax.pcast(t, axis if isinstance(axis, tuple) else (axis,), to="varying")
 
   def probe(out):
-    return keep(jax.tree_util.tree_leaves(out))[0].reshape(-1)[0].astype(jnp.float32)
+    return jax.tree_util.tree_leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
 
   keys = jax.random.split(jax.random.key(seed), R)
   keys = to_global(mesh, [np.asarray(jax.random.key_data(k)) for k in keys])
@@ -281,14 +283,24 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
       if layout is not None:
         ready = ready + layout.num_tokens_per_rank[0].astype(jnp.float32)
       t0 = stamp(ready) if device_clock else ready
-      # Each call takes the previous one's result through a barrier (no copy),
-      # so XLA cannot fuse independent calls into one kernel.
-      probes, prev = [t0], t0
+      # Each call takes the previous one's whole result through a barrier with
+      # its own input (no copy, no kernel), so XLA cannot fuse independent
+      # calls; one element of every result is read after the last call, in one
+      # fusion, so none is dropped. (Reading each result right after its call,
+      # as this did until 2026-11-26, put a small XLA kernel between the calls,
+      # which the per-op times then included.)
+      # Results are read (and freed) early only past KEPT_BYTES per rank.
+      prev, kept, kept_bytes = t0, [], 0
       for v in vs[:n]:
         prev, v = keep((prev, v))
-        prev = probe(work[op](per_rank(v), idx[0], w[0], h, layout))
-        probes.append(prev)
-      total = jnp.stack(probes).sum()
+        kept.append(prev)
+        prev = work[op](per_rank(v), idx[0], w[0], h, layout)
+        kept_bytes += sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(prev))
+        if kept_bytes > KEPT_BYTES:  # read them now, before the next call
+          prev, partial = keep((prev, sum(probe(r) for r in kept)))
+          kept, kept_bytes = [partial], 0
+      kept.append(keep(prev))  # every result read through a barrier: XLA cannot
+      total = sum(probe(r) for r in kept)  # shrink an op to the one element read
       if not device_clock:
         return total[None]
       return jnp.stack([t0, stamp(total)])[None]
@@ -380,6 +392,11 @@ def _configs(backends, num_sms_list, dtypes):
       for dtype in dtypes:
         yield b, n, dtype
 
+
+# Results of the timed calls kept in memory per rank before they are read (see
+# time_backend's program): the low-latency dispatch returns 470 MB a rank at the
+# small shape, and emulated ranks share one GPU's memory.
+KEPT_BYTES = 4 << 30
 
 _US_KEYS = {"layout": "layout", "dispatch": "dispatch", "cached_dispatch": "cached",
             "combine": "combine"}
