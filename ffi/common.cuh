@@ -220,22 +220,26 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 // Phase timestamps, for finding where a kernel's time goes (a profiler sees
 // only the whole kernel). Built in with the CMake option JAX_EP_PHASE_TRACE
 // (pip install -C cmake.define.JAX_EP_PHASE_TRACE=ON ...); otherwise empty.
-// Thread 0 of the first and of the last block notes %globaltimer at each Mark
-// and, for one op in 64, prints the time since the kernel started per phase.
+// One thread of the first and of the last block (`tracer`, thread 0 unless a
+// kernel traces another warp role) notes %globaltimer at each Mark and, for
+// one op in 64, prints the time since the kernel started per phase.
 struct PhaseTrace {
 #ifdef JAX_EP_PHASE_TRACE
   static constexpr int kMarks = 8;
+  int tracer;
   uint64_t start = GlobalTimerNs(), at[kMarks] = {};
   const char* name[kMarks] = {};
   int n = 0;
+  __device__ explicit PhaseTrace(int tracer_thread = 0) : tracer(tracer_thread) {}
   __device__ void Mark(const char* phase) {
-    if (threadIdx.x == 0 && n < kMarks) {
+    if (static_cast<int>(threadIdx.x) == tracer && n < kMarks) {
       at[n] = GlobalTimerNs() - start;
       name[n++] = phase;
     }
   }
   __device__ void Print(const char* op, int rank, uint32_t seq) const {
-    if (threadIdx.x != 0 || (seq & 63) != 5 || (blockIdx.x != 0 && blockIdx.x + 1 != gridDim.x)) {
+    if (static_cast<int>(threadIdx.x) != tracer || (seq & 63) != 5 ||
+        (blockIdx.x != 0 && blockIdx.x + 1 != gridDim.x)) {
       return;
     }
     const char* nm[kMarks];
@@ -251,6 +255,7 @@ struct PhaseTrace {
            t[6], nm[7], t[7]);
   }
 #else
+  __device__ explicit PhaseTrace(int = 0) {}
   __device__ __forceinline__ void Mark(const char*) {}
   __device__ __forceinline__ void Print(const char*, int, uint32_t) const {}
 #endif

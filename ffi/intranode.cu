@@ -827,7 +827,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Traits = VecTraits<T>;
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
+  // Traced roles (JAX_EP_PHASE_TRACE): a push warp and a reduce warp.
+  PhaseTrace push_trace(0), reduce_trace(kPushWarps * 32);
   const Entry entry = CheckedEntry(g, a.rank, kOpCombine);
+  push_trace.Mark("entry");
+  reduce_trace.Mark("entry");
   const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int lane = LaneId(), warp = WarpId();
@@ -848,6 +852,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       WaitHello(g, own, par, lane, hello, kOpCombine, me, seq, a.timeout_ns);
     }
     __syncwarp();
+    push_trace.Mark("hellos");
     Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
     FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
     int64_t lo[kMaxRanks], hi[kMaxRanks];
@@ -896,6 +901,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     PushPipeline(warp, win.total, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
                  ring_flags, p, row_bytes, seq, lane);
+    push_trace.Mark("pushed");
   } else {
     const int w = warp - kPushWarps;
     const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
@@ -941,6 +947,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     for (int64_t m = 0; m < num_tokens; ++m) {
       wait_token(m);
+      if (m == 0) reduce_trace.Mark("first ready");
       const int64_t i = first + m * kReduceWarps;
       // The token's copies by rank (nullptr: none there): our own row of y,
       // peers' slots.
@@ -1029,7 +1036,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  reduce_trace.Mark("reduced");
   FinishOp(own, seq);
+  push_trace.Mark("finish");
+  reduce_trace.Mark("finish");
+  push_trace.Print("combine push warp", me, seq);
+  reduce_trace.Print("combine reduce warp", me, seq);
 }
 
 // The kernels' shared-memory plan for a row size; the grid is num_sms blocks,

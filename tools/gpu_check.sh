@@ -17,6 +17,9 @@
 #   kernels    per-kernel device times at R = 1 (ncu)
 #   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
 #              (Hopper), on every local GPU in one process
+#   trace      rebuild with kernel phase timestamps (JAX_EP_PHASE_TRACE), run the
+#              small shape (normal combine, low-latency ops) on cuda, keep the
+#              trace lines in $OUT/trace_*.log, then rebuild without them
 #   random     1008 random routings on the cuda backend against the NumPy
 #              reference (tests/test_random_routings.py's check): one process
 #              on every GPU (R = 1, 2, 4, 8 up to the GPU count), then 336 each
@@ -116,6 +119,19 @@ print('one process:', s['routings'], 'routings, R =', sorted({c['R'] for c in s[
       || { RANDOM_OK=0; tail -30 "$OUT/random_pergpu.log"; }
   fi
   [ "$RANDOM_OK" = 1 ] || status=1
+fi
+if has trace; then
+  echo "=== phase traces, small shape, one process on every GPU"
+  $PY -m pip install --no-build-isolation --no-deps -C cmake.define.JAX_EP_PHASE_TRACE=ON -e . \
+    >"$OUT/trace_build.log" 2>&1 || { tail -30 "$OUT/trace_build.log"; status=1; }
+  for mode in normal low_latency; do
+    JAX_PLATFORMS=cuda timeout 200 $PY -m jax_ep.bench --mode $mode --shapes small --backends cuda \
+      >"$OUT/trace_raw_$mode.log" 2>&1 || status=1
+    grep -a "phase trace" "$OUT/trace_raw_$mode.log" >"$OUT/trace_$mode.log"
+    rm -f "$OUT/trace_raw_$mode.log"
+    head -8 "$OUT/trace_$mode.log"
+  done
+  $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || status=1
 fi
 if has bench; then
   echo "=== bench (one process, every GPU)"
