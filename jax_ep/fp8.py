@@ -89,17 +89,25 @@ def check_fp8_pair(x, op: str, name: str = "x"):
   return q, s
 
 
-def pack_rows(q: jax.Array, scales: jax.Array) -> jax.Array:
-  """``[..., H]`` FP8 and ``[..., H/128]`` f32 -> ``[..., H + H/32]`` uint8 (bitcasts)."""
+def to_bytes(q: jax.Array, scales: jax.Array):
+  """``[..., H]`` FP8 and ``[..., H/128]`` f32 -> ``([..., H], [..., H/32])`` uint8
+  (bitcasts only)."""
   qb = lax.bitcast_convert_type(q, jnp.uint8)
   sb = lax.bitcast_convert_type(scales, jnp.uint8)  # [..., H/128, 4]
-  sb = sb.reshape(scales.shape[:-1] + (scales.shape[-1] * 4,))
-  return jnp.concatenate([qb, sb], axis=-1)
+  return qb, sb.reshape(scales.shape[:-1] + (scales.shape[-1] * 4,))
+
+
+def from_bytes(qb: jax.Array, sb: jax.Array):
+  """Inverse of ``to_bytes``: ``(q [..., H] float8_e4m3fn, scales [..., H/128] f32)``."""
+  sb = sb.reshape(sb.shape[:-1] + (sb.shape[-1] // 4, 4))
+  return lax.bitcast_convert_type(qb, FP8_DTYPE), lax.bitcast_convert_type(sb, jnp.float32)
+
+
+def pack_rows(q: jax.Array, scales: jax.Array) -> jax.Array:
+  """``[..., H]`` FP8 and ``[..., H/128]`` f32 -> ``[..., H + H/32]`` uint8: one row."""
+  return jnp.concatenate(to_bytes(q, scales), axis=-1)
 
 
 def unpack_rows(packed: jax.Array, hidden: int):
   """Inverse of ``pack_rows``: ``(q [..., H] float8_e4m3fn, scales [..., H/128] f32)``."""
-  q = lax.bitcast_convert_type(packed[..., :hidden], FP8_DTYPE)
-  sb = packed[..., hidden:]
-  sb = sb.reshape(sb.shape[:-1] + (hidden // BLOCK, 4))
-  return q, lax.bitcast_convert_type(sb, jnp.float32)
+  return from_bytes(packed[..., :hidden], packed[..., hidden:])

@@ -629,10 +629,12 @@ def check_op_mismatch(process, num_processes, *, hidden=64, timeout_s=30.0):
 
 def check_fp8_dispatch(process, num_processes, *, seed=0, num_tokens=24, hidden=256,
                        num_topk=3, num_experts=16, num_worst_tokens=None, backend="cuda",
-                       num_sms=8):
+                       num_sms=8, fp8_apart=None):
   """FP8 normal dispatch and cached dispatch of the ranks this process holds
   against NumPy: FP8 bytes and scales moved bit for bit (padding rows zero
   bytes and zero scales), ids, weights and counts as for any dispatch.
+  ``fp8_apart``: force the backend's way of moving them (values and scales
+  apart, or packed; see ``_ll_ops._rows_fp8``); None keeps the backend's own.
 
   The reference moves the FP8 bytes as float32 values of the uint8 bytes.
   Returns a summary with ``dropped``, whether the capacity dropped a row.
@@ -644,6 +646,8 @@ def check_fp8_dispatch(process, num_processes, *, seed=0, num_tokens=24, hidden=
   nbytes = (jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16, num_worst_tokens)
             if backend == "cuda" else None)
   buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
+  if fp8_apart is not None:
+    buf._backend.fp8_apart = fp8_apart
   rng = np.random.default_rng(seed)
   xs = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
   x2s = [(rng.standard_normal((N, H)) * 300).astype(np.float32) for _ in range(R)]

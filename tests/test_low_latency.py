@@ -278,9 +278,13 @@ def test_low_latency_trace_time_errors():
         x, i, 8, E, use_fp8=True)[0][1].sum())(x.astype(jnp.float32)))
 
 
-def test_fp8_normal_dispatch_moves_rows_bit_exactly(backend):
+@pytest.mark.parametrize("apart", [False, True])
+def test_fp8_normal_dispatch_moves_rows_bit_exactly(backend, apart):
   # The main job's 8 virtual ranks; a capacity below N * R drops rows too.
-  res = ept.check_fp8_dispatch(0, 1, backend=backend, num_tokens=12, num_worst_tokens=20)
+  # apart: values and scales by two dispatches (the cuda backend's way), here
+  # through this backend's ops; packed: one byte row per token.
+  res = ept.check_fp8_dispatch(0, 1, backend=backend, num_tokens=12, num_worst_tokens=20,
+                               fp8_apart=apart)
   assert res["num_ranks"] == 8 and res["ranks"] == list(range(8))
   assert res["dropped"], "no drops tested"
 

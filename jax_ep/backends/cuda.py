@@ -144,6 +144,9 @@ def bf16_rows_as_bytes(received, width: int):
 
 class CudaBackend:
   name = "cuda"
+  # FP8 rows in normal mode move as values and scales apart (_ll_ops._rows_fp8):
+  # our kernels copy byte rows as they are, so nothing packs or unpacks them.
+  fp8_apart = True
 
   def __init__(self, mesh, axis_name: str, *, num_nvl_bytes=None, num_sms=None,
                timeout_s: float = 100.0):
