@@ -225,7 +225,7 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 // one op in 64, prints the time since the kernel started per phase.
 struct PhaseTrace {
 #ifdef JAX_EP_PHASE_TRACE
-  static constexpr int kMarks = 8;
+  static constexpr int kMarks = 12;  // printf takes at most 32 arguments
   int tracer;
   uint64_t start = GlobalTimerNs(), at[kMarks] = {};
   const char* name[kMarks] = {};
@@ -249,10 +249,11 @@ struct PhaseTrace {
       t[j] = j < n ? at[j] : 0ull;
     }
     printf("jax_ep phase trace: %s rank %d block %u seq %u start %llu ns | %s %llu | %s %llu | "
-           "%s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu\n",
+           "%s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | "
+           "%s %llu | %s %llu\n",
            op, rank, blockIdx.x, seq, static_cast<unsigned long long>(start % 1000000000ull),
            nm[0], t[0], nm[1], t[1], nm[2], t[2], nm[3], t[3], nm[4], t[4], nm[5], t[5], nm[6],
-           t[6], nm[7], t[7]);
+           t[6], nm[7], t[7], nm[8], t[8], nm[9], t[9], nm[10], t[10], nm[11], t[11]);
   }
 #else
   __device__ explicit PhaseTrace(int = 0) {}

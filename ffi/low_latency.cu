@@ -161,7 +161,9 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   const int64_t part = (n16 + kGroupWarps - 1) / kGroupWarps;
   const int64_t v0 = min(n16, gw * part), nv = min(n16 - v0, part);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
-  for (int64_t t = group * static_cast<int64_t>(gridDim.x) + blockIdx.x; t < T * R; t += step) {
+  const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+  for (int64_t t = first_task; t < T * R; t += step) {
+    const bool traced = t == first_task;  // the tracer's first task, step by step
     const int64_t i = t / R;
     const int d = static_cast<int>(t % R);
     char* dst = PeerAt(g, d);
@@ -181,19 +183,23 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
       }
       routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
     }
+    if (traced) trace.Mark("task ids");
     if (routed && nv > 0) {
       int4* row = reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes);
       WarpCopyRow<kCopyUnroll, false>(row + v0,
                                       reinterpret_cast<const int4*>(x + i * row_bytes) + v0, nv,
                                       lane);
     }
+    if (traced) trace.Mark("task row");
     // The group's stores, then the flag: one release after the group's barrier
     // (cumulative over the stores it ordered; a system fence in every lane
     // costs far more).
     GroupBarrier(1 + group, kGroupThreads);
+    if (traced) trace.Mark("task barrier");
     if (gw == 0 && lane == 0) {
       StoreReleaseSysU64(At<uint64_t>(dst, reg.flags) + me * T + i, FlagValue(seq, i));
     }
+    if (traced) trace.Mark("task flag");
   }
   trace.Mark("send");
 }
@@ -418,6 +424,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
   const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
   const int64_t task_step = static_cast<int64_t>(gridDim.x) * kGroups;
   for (int64_t t = first_task; t < rows; t += task_step) {
+    const bool traced = t == first_task;  // the tracer's first task, step by step
     const int s = static_cast<int>(t / T);
     const int64_t i = t % T;
     char* home = PeerAt(g, s);
@@ -435,6 +442,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
       if (lane == 0) num_copies[group] = __popc(have);
     }
     GroupBarrier(bar, kGroupThreads);
+    if (traced) trace.Mark("task copies");
     const int nc = num_copies[group];
     if (nc > 0) {
       for (int64_t v = gtid; v < n16; v += kGroupThreads) {
@@ -470,6 +478,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
       FenceProxyAsyncShared();  // the stage's writes, then the bulk store that reads them
     }
     GroupBarrier(bar, kGroupThreads);
+    if (traced) trace.Mark("task sum");
     // No copy here: the flag says so, and no partial crosses the link.
     if (gtid == 0 && nc > 0) {
       BulkStore(At<float>(home, reg.data) + (me * T + i) * H, stage,
@@ -483,6 +492,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
   // copy was here).
   if (gtid == 0) {
     BulkWait<0>();
+    trace.Mark("landed");
     FenceProxyAsyncGlobal();
     FenceAcqRelSys();
     for (int64_t t = first_task; t < rows; t += task_step) {
