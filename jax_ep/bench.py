@@ -66,6 +66,10 @@ SHAPES = {  # name: (tokens per rank, hidden, top-k, experts)
     "tiny": (16, 1024, 8, 64),
 }
 OPS = ("layout", "dispatch", "cached_dispatch", "combine")
+# Over two axes the node hop alone is timed too: XLA's all-to-all of the Nn * F
+# forwarding rows (F = N, the default) over the node axis, as the dispatch sends
+# them; the rest of the dispatch is the local hop and the bookkeeping.
+TIMED_OPS = OPS + ("node_hop",)
 
 
 def received_bytes_per_rank(is_token_in_rank_of_each_rank, row_bytes: int) -> float:
@@ -252,6 +256,8 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     }
   else:
     ops = ("dispatch", "cached_dispatch") if fp8 else OPS
+    if isinstance(axis, tuple) and not fp8:
+      ops = ops + ("node_hop",)
     rows_in = [fresh((N, H), k) for k in range(iters)]
     if fp8:
       quantize = shard(lambda v: jax.tree_util.tree_map(lambda a: a[None],
@@ -260,6 +266,9 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
     inputs = {"layout": [to_global(mesh, [(i + k) % E for i in idxs]) for k in range(iters)],
               "dispatch": rows_in, "cached_dispatch": rows_in,
               "combine": [fresh((cap, H), 1000 + k) for k in range(iters)]}
+    if "node_hop" in ops:
+      Nn = mesh.shape[axis[0]]
+      inputs["node_hop"] = [fresh((Nn * N, H), 2000 + k) for k in range(iters)]
     needs_handle, needs_layout = ("cached_dispatch", "combine"), ("dispatch",)
 
     def setup(x, idx):
@@ -271,6 +280,8 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
             v, topk_idx=idx, topk_weights=w, num_experts=E, layout=layout),
         "cached_dispatch": lambda v, idx, w, h, layout: buf.dispatch(v, handle=h)[0],
         "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
+        "node_hop": lambda v, idx, w, h, layout: lax.all_to_all(
+            v.reshape((mesh.shape[axis[0]], N, H)), axis[0], 0, 0),
     }
 
   def program(op, n):
@@ -418,14 +429,14 @@ def _row(backend, ranks, processes, shape, num_sms, times, res, copy_gbps, bandw
   if "error" in res:
     row["note"] = res["error"]
     return row
-  med = {op: max(float(np.median(times[op])), 0.0) for op in OPS if op in times}
+  med = {op: max(float(np.median(times[op])), 0.0) for op in TIMED_OPS if op in times}
   row.update(num_sms=res.get("num_sms", num_sms), clock=res["clock"])
   if "node_hop_bytes" in res:  # two-axis mesh: MB per rank across the node axis
     row["node_hop_mb"] = round(res["node_hop_bytes"] / 1e6, 2)
     row["local_hop_mb"] = round(res["local_hop_bytes"] / 1e6, 2)
     row["flat_crossing_mb"] = round(res["crossing_bytes"] / 1e6, 2)
   for op, t in med.items():
-    row[f"{_US_KEYS[op]}_us"] = round(t * 1e6, 2)
+    row[f"{_US_KEYS.get(op, op)}_us"] = round(t * 1e6, 2)
   if not bandwidth:
     row["gbps_of"] = None
     return row
@@ -452,7 +463,7 @@ def _merge(runs):
   if failed:
     return failed[0]
   return {op: list(np.max(np.array([r[op] for r in runs]), axis=0))
-          for op in OPS if op in runs[0]}
+          for op in TIMED_OPS if op in runs[0]}
 
 
 def main(argv=None) -> int:
@@ -647,8 +658,8 @@ def _columns(on_gpu: bool, rows=()):
   """The table's columns: on CPU no bandwidth (and no cuda num_sms); the hops' MB
   when a row has them (a two-axis mesh)."""
   cols = COLUMNS if on_gpu else tuple(c for c in COLUMNS if c not in BANDWIDTH_COLUMNS)
-  if any("node_hop_mb" in r for r in rows):
-    cols = cols[:-1] + ("node_hop_mb", "local_hop_mb") + cols[-1:]  # before the note
+  if any("node_hop_mb" in r for r in rows):  # before the note
+    cols = cols[:-1] + ("node_hop_us", "node_hop_mb", "local_hop_mb") + cols[-1:]
   return cols
 
 

@@ -136,3 +136,22 @@ def test_local_hop_bytes_count_forwarded_rows_to_other_local_ranks():
   assert rows > 0
   assert bench.local_hop_bytes_per_rank(masks, L, row) == rows * row / R
   assert bench.local_hop_bytes_per_rank(masks, 1, row) == 0  # one local rank: no local hop
+
+
+def test_two_axis_rows_time_the_node_hop_and_count_both_hops():
+  # Issue 13: a two-axis run reports each hop's bytes and the node hop's time
+  # (XLA's all-to-all of the forwarding rows alone) beside the ops.
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("node", "local"))
+  N, H = 16, 64
+  res = bench.time_backend(mesh, "xla", N, H, 2, 16, iters=2, reps=1)
+  assert set(bench.OPS) | {"node_hop"} <= set(res)
+  row = bench._row("xla", 8, "one, mesh 2x4", "tiny", None, res, res, None, bandwidth=False)
+  assert row["node_hop_us"] is not None and row["node_hop_us"] >= 0
+  # At most one row per (token, other node) crosses: N rows a rank here.
+  assert 0 < res["node_hop_bytes"] <= N * 2 * H
+  assert res["local_hop_bytes"] > 0 and res["crossing_bytes"] >= res["node_hop_bytes"]
+  assert {"node_hop_mb", "local_hop_mb", "flat_crossing_mb"} <= set(row)
+  assert "node_hop_us" in bench._columns(False, [row])
