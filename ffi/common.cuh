@@ -178,6 +178,12 @@ __device__ __forceinline__ void BulkStore(void* gmem_dst, const void* smem_src, 
                : "memory");
 }
 
+// Asks the L2 to fetch `bytes` (a multiple of 16, 16-aligned) at `src`: no
+// result, no register held, nothing to wait for; a later load finds them nearer.
+__device__ __forceinline__ void PrefetchL2(const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 __device__ __forceinline__ void BulkCommit() {
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }

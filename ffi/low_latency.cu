@@ -145,14 +145,6 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   const int64_t N = a.num_tokens, T = a.num_max_tokens, row_bytes = a.row_bytes;
   const int K = a.num_topk, E = a.num_experts, El = E / R;
   const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, row_bytes);
-  if (blockIdx.x == 0 && threadIdx.x == 0) *a.ticket = seq;
-  if (blockIdx.x == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
-  if (warp == 0 && lane < R && lane != me) {
-    WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
-  }
-  __syncthreads();
-  trace.Mark("hello");
-
   const char* x = static_cast<const char*>(a.x);
   const int64_t n16 = row_bytes / 16;
   // Task t = (token t / R, rank t % R) per group, consecutive tasks on different
@@ -162,6 +154,21 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   const int64_t v0 = min(n16, gw * part), nv = min(n16 - v0, part);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
   const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+  // While the hellos cross the link, the L2 fetches the first task's ids and
+  // row (operands, readable at once), which the task then loads first thing.
+  if (lane == 0 && first_task < T * R && first_task / R < N) {
+    const int64_t i = first_task / R;
+    if (nv > 0) PrefetchL2(x + i * row_bytes + v0 * 16, static_cast<uint32_t>(nv * 16));
+    if (gw == 0 && K % 4 == 0) PrefetchL2(a.topk_idx + i * K, static_cast<uint32_t>(4 * K));
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.ticket = seq;
+  if (blockIdx.x == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+  if (warp == 0 && lane < R && lane != me) {
+    WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
+  }
+  __syncthreads();
+  trace.Mark("hello");
+
   for (int64_t t = first_task; t < T * R; t += step) {
     const bool traced = t == first_task;  // the tracer's first task, step by step
     const int64_t i = t / R;
@@ -403,11 +410,21 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     __syncthreads();  // then the hellos' release stores cover the weights
     if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
   }
+  const char* y = static_cast<const char*>(a.y);
+  {
+    // While the hellos cross the link, the L2 fetches the rows of y the
+    // group's first task adds (warp 1 of the group; warp 0 of the block waits).
+    const int group = warp / kGroupWarps;
+    const int64_t t = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+    if (warp % kGroupWarps == 1 && t < rows && lane < K) {
+      const int32_t r = CopyRow(a.recv_slot, t * K + lane, y_rows);
+      if (r >= 0) PrefetchL2(y + r * in_row, static_cast<uint32_t>(in_row));
+    }
+  }
   if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   __syncthreads();
   trace.Mark("hello");
 
-  const char* y = static_cast<const char*>(a.y);
   const int64_t n16 = in_row / 16;
   // Task t = (source rank t / T, token t % T) per group, each group with its
   // own stage and bookkeeping; the group's thread 0 issues its bulk stores.
