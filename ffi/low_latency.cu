@@ -59,36 +59,6 @@ int Grid(const GroupView& g) {
   return std::max(1, DeviceSmCount() / std::max(1, g.ranks_on_device));
 }
 
-// Exclusive prefix sum of `v` over the block (all threads call it); `scratch`
-// holds kWarps + 1 ints. Also returns the block's total.
-__device__ int BlockExclusiveSum(int v, int* scratch, int* total) {
-  const int lane = LaneId(), warp = WarpId();
-  int inc = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int n = __shfl_up_sync(kFullMask, inc, o);
-    if (lane >= o) inc += n;
-  }
-  if (lane == 31) scratch[warp] = inc;
-  __syncthreads();
-  if (warp == 0) {
-    const int w = lane < kWarps ? scratch[lane] : 0;
-    int wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int n = __shfl_up_sync(kFullMask, wi, o);
-      if (lane >= o) wi += n;
-    }
-    if (lane < kWarps) scratch[lane] = wi - w;
-    if (lane == kWarps - 1) scratch[kWarps] = wi;
-  }
-  __syncthreads();
-  const int out = scratch[warp] + inc - v;
-  *total = scratch[kWarps];
-  __syncthreads();  // scratch may be reused
-  return out;
-}
-
 // A warp writes w * row (rounded to the row's type) for a peer-written row.
 template <typename T>
 __device__ __forceinline__ void WarpScaleRow(int4* dst, const int4* src, float w, int64_t n16,
@@ -257,90 +227,125 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
   char* recv_x = static_cast<char*>(a.recv_x);
   char* recv_tail = static_cast<char*>(a.recv_tail);
   const int64_t head16 = a.head_bytes / 16, tail4 = recv_tail != nullptr ? a.tail_bytes / 4 : 0;
-  // First every expert of this block gets its list of slots (one block-wide
-  // prefix sum each), then all the block's warps copy all their rows.
-  __shared__ int scratch[kWarps + 1];
-  if (!kCached) {
-    for (int e = blockIdx.x; e < El; e += gridDim.x) {
-      // Rank of each of e's slots among them, in slot order: a prefix sum over
-      // contiguous chunks of the ids, one chunk per thread.
-      const int eg = me * El + e;
-      const int64_t chunk = (S + kThreads - 1) / kThreads;
-      const int64_t lo = min(S, tid * chunk), hi = min(S, lo + chunk);
-      int mine = 0;
-      for (int64_t j = lo; j < hi; ++j) mine += __ldcg(ids + j) == eg;
-      int total;
-      int pos = BlockExclusiveSum(mine, scratch, &total);
-      for (int64_t j = lo; j < hi; ++j) {
-        if (__ldcg(ids + j) != eg) continue;
-        if (pos < rows) {
-          a.src_slot[e * rows + pos] = static_cast<int32_t>(j);
-          a.recv_slot[j] = static_cast<int32_t>(e * rows + pos);
-        } else {
-          a.recv_slot[j] = -1;  // past R*T copies (an id repeated in a row): dropped
-        }
-        ++pos;
+  if constexpr (!kCached) {
+    // Numbering: each local expert's copies in (source, token, k) order. Every
+    // block counts the copies per (source, expert) in shared memory and turns
+    // the counts into each source's first row per expert; a copy's row is its
+    // source's first row plus the copies of that expert before it among its
+    // source's slots, which the warp that moves it counts itself. No block
+    // waits for another, and the copies spread over every warp of the grid.
+    // (A block-wide prefix sum per expert, one expert per block in turn, took
+    // 2-2.5 us at R = 2 and left the blocks past E/R idle while others copied.)
+    extern __shared__ int numbering[];  // [R][El] first rows, then [El] totals
+    int* first_row = numbering;
+    int* total = numbering + R * El;
+    for (int q = tid; q < (R + 1) * El; q += kThreads) numbering[q] = 0;
+    __syncthreads();
+    const int64_t per_source = T * K;
+    for (int64_t j = tid; j < S; j += kThreads) {
+      const int32_t id = __ldcg(ids + j);
+      if (id >= 0 && id < E && id / El == me) {
+        atomicAdd(&first_row[(j / per_source) * El + id % El], 1);
       }
-      const int64_t count = min(static_cast<int64_t>(total), rows);
-      for (int64_t p = count + tid; p < rows; p += kThreads) a.src_slot[e * rows + p] = -1;
-      if (tid == 0) a.recv_count[e] = static_cast<int32_t>(count);
     }
     __syncthreads();
-    trace.Mark("prefix");
-  }
-  // The block's rows (its experts' in turn) cut into parts of one round of
-  // loads per lane (32 * kCopyUnroll vectors); part j goes to warp j % kWarps,
-  // so that every warp has bytes in flight even when the experts have few rows.
-  const int64_t parts = (head16 + 32 * kCopyUnroll - 1) / (32 * kCopyUnroll);
-  int e = blockIdx.x;
-  int64_t base = 0;  // parts of the experts before e
-  for (int64_t j = warp;; j += kWarps) {
-    int64_t count = 0;
-    while (e < El && j >= base + (count = kCached ? rows : a.recv_count[e]) * parts) {
-      base += count * parts;
-      e += gridDim.x;
-    }
-    if (e >= El) break;
-    const int64_t p = (j - base) / parts, part = (j - base) % parts;
-    const int32_t slot = (kCached ? a.src_slot_in : a.src_slot)[e * rows + p];
-    const int64_t r = e * rows + p;
-    const int64_t v0 = part * 32 * kCopyUnroll;
-    const int64_t nv = min(head16 - v0, static_cast<int64_t>(32 * kCopyUnroll));
-    int4* dst = reinterpret_cast<int4*>(recv_x + r * a.head_bytes) + v0;
-    // The tail (FP8 scales) goes with part 0.
-    float* tail = recv_tail != nullptr && part == 0
-                      ? reinterpret_cast<float*>(recv_tail + r * a.tail_bytes) : nullptr;
-    if (slot < 0 || slot >= S) {  // cached only: past the count (or a foreign handle)
-      for (int64_t v = lane; v < nv; v += 32) Store16(dst + v, make_int4(0, 0, 0, 0));
-      if (tail != nullptr) {
-        for (int64_t v = lane; v < tail4; v += 32) tail[v] = 0.f;
+    for (int e = tid; e < El; e += kThreads) {
+      int run = 0;
+      for (int s = 0; s < R; ++s) {
+        const int c = first_row[s * El + e];
+        first_row[s * El + e] = run;
+        run += c;
       }
-      continue;
+      total[e] = run;
     }
-    const char* src_row = arrived + (slot / K) * row_bytes;
-    const int4* src = reinterpret_cast<const int4*>(src_row) + v0;
-    if (kCached && a.weighted) {
-      const float w = __ldcg(slot_weights + slot);
-      if (a.row_type == RowType::kBF16) {
-        WarpScaleRow<__nv_bfloat16>(dst, src, w, nv, lane);
-      } else {
-        WarpScaleRow<float>(dst, src, w, nv, lane);
+    __syncthreads();
+    trace.Mark("numbered");
+    const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp; j < S; j += nwarps) {
+      const int32_t id = __ldcg(ids + j);
+      int64_t r = -1;
+      if (id >= 0 && id < E && id / El == me) {
+        const int e = id % El;
+        const int64_t s = j / per_source;
+        int before = 0;
+        for (int64_t q = s * per_source + lane; q < j; q += 32) before += __ldcg(ids + q) == id;
+        const int64_t p = first_row[s * El + e] + __reduce_add_sync(kFullMask, before);
+        if (p < rows) r = e * rows + p;  // else past R*T copies (an id repeated): dropped
       }
-    } else {
-      WarpCopyRow<kCopyUnroll, true>(dst, src, nv, lane);
-      if (tail != nullptr) {
+      if (lane == 0) {
+        a.recv_slot[j] = static_cast<int32_t>(r);  // -1: another rank's expert, or none
+        if (r >= 0) a.src_slot[r] = static_cast<int32_t>(j);
+      }
+      if (r < 0) continue;
+      const char* src_row = arrived + (j / K) * row_bytes;
+      WarpCopyRow<kCopyUnroll, true>(reinterpret_cast<int4*>(recv_x + r * a.head_bytes),
+                                     reinterpret_cast<const int4*>(src_row), head16, lane);
+      if (recv_tail != nullptr) {
+        float* tail = reinterpret_cast<float*>(recv_tail + r * a.tail_bytes);
         const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
         for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
       }
     }
-  }
-  trace.Mark("copy");
-  if (!kCached) {  // slots of other ranks' experts, and invalid ids
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + tid; j < S;
-         j += static_cast<int64_t>(gridDim.x) * kThreads) {
-      const int32_t id = __ldcg(ids + j);
-      if (!(id >= 0 && id < E && id / El == me)) a.recv_slot[j] = -1;
+    trace.Mark("copy");
+    // Rows past each expert's count, and the counts.
+    for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + tid; q < El * rows;
+         q += static_cast<int64_t>(gridDim.x) * kThreads) {
+      if (q % rows >= min(static_cast<int64_t>(total[q / rows]), rows)) a.src_slot[q] = -1;
     }
+    if (blockIdx.x == 0) {
+      for (int e = tid; e < El; e += kThreads) {
+        a.recv_count[e] = static_cast<int32_t>(min(static_cast<int64_t>(total[e]), rows));
+      }
+    }
+  } else {
+    // The handle's rows (src_slot_in), each cut into parts of one round of
+    // loads per lane (32 * kCopyUnroll vectors); the block's experts in turn,
+    // part j to warp j % kWarps, so every warp has bytes in flight even when
+    // there are few rows. Rows past the count are zeros (the transpose of a
+    // combine), copies scaled by their weights when asked.
+    const int64_t parts = (head16 + 32 * kCopyUnroll - 1) / (32 * kCopyUnroll);
+    int e = blockIdx.x;
+    int64_t base = 0;  // parts of the experts before e
+    for (int64_t j = warp;; j += kWarps) {
+      while (e < El && j >= base + rows * parts) {
+        base += rows * parts;
+        e += gridDim.x;
+      }
+      if (e >= El) break;
+      const int64_t p = (j - base) / parts, part = (j - base) % parts;
+      const int32_t slot = a.src_slot_in[e * rows + p];
+      const int64_t r = e * rows + p;
+      const int64_t v0 = part * 32 * kCopyUnroll;
+      const int64_t nv = min(head16 - v0, static_cast<int64_t>(32 * kCopyUnroll));
+      int4* dst = reinterpret_cast<int4*>(recv_x + r * a.head_bytes) + v0;
+      // The tail (FP8 scales) goes with part 0.
+      float* tail = recv_tail != nullptr && part == 0
+                        ? reinterpret_cast<float*>(recv_tail + r * a.tail_bytes) : nullptr;
+      if (slot < 0 || slot >= S) {  // past the count (or a foreign handle)
+        for (int64_t v = lane; v < nv; v += 32) Store16(dst + v, make_int4(0, 0, 0, 0));
+        if (tail != nullptr) {
+          for (int64_t v = lane; v < tail4; v += 32) tail[v] = 0.f;
+        }
+        continue;
+      }
+      const char* src_row = arrived + (slot / K) * row_bytes;
+      const int4* src = reinterpret_cast<const int4*>(src_row) + v0;
+      if (a.weighted) {
+        const float w = __ldcg(slot_weights + slot);
+        if (a.row_type == RowType::kBF16) {
+          WarpScaleRow<__nv_bfloat16>(dst, src, w, nv, lane);
+        } else {
+          WarpScaleRow<float>(dst, src, w, nv, lane);
+        }
+      } else {
+        WarpCopyRow<kCopyUnroll, true>(dst, src, nv, lane);
+        if (tail != nullptr) {
+          const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
+          for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
+        }
+      }
+    }
+    trace.Mark("copy");
   }
   trace.Mark("slots");
 }
@@ -622,10 +627,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 cudaError_t Preload() {
   cudaFuncAttributes attr;
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchSendKernel));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<false>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
-  // The combine's send may take the whole shared-memory budget for its stages.
+  // The combine's send may take the whole shared-memory budget for its stages,
+  // the dispatch receive's numbering as much for many experts.
   const int smem = static_cast<int>(kMaxSmemBytes - 1024);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      DispatchRecvKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      DispatchKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       CombineSendKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -634,7 +643,6 @@ cudaError_t Preload() {
       CombineKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       CombineKernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchKernel<false>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchKernel<true>));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, CombineRecvKernel<__nv_bfloat16>));
   return cudaFuncGetAttributes(&attr, CombineRecvKernel<float>);
@@ -648,6 +656,15 @@ uint32_t DispatchHash(const DispatchSendArgs& a) {
 uint32_t CombineHash(const CombineSendArgs& a) {
   return ShapeHash({a.num_max_tokens, a.num_topk, a.hidden, a.num_experts,
                     static_cast<int64_t>(a.row_type), a.weights != nullptr});
+}
+
+// The dispatch receive's numbering: per-(source, expert) first rows and per-
+// expert totals, (R + 1) * E/R ints; errors for more experts than fit.
+cudaError_t NumberingSmem(const DispatchRecvArgs& a, size_t* smem) {
+  const int64_t R = a.group.num_ranks, El = a.num_experts / std::max<int64_t>(1, R);
+  *smem = static_cast<size_t>(4 * (R + 1) * El);
+  return static_cast<int64_t>(*smem) > kMaxLowLatencyCombineSmem ? cudaErrorInvalidValue
+                                                                 : cudaSuccess;
 }
 
 // Two stages of H floats (the combine's send); errors for a hidden too large.
@@ -667,7 +684,9 @@ cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaS
   if (r.src_slot_in != nullptr) {
     DispatchKernel<true><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
   } else {
-    DispatchKernel<false><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
+    size_t smem = 0;
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(r, &smem));
+    DispatchKernel<false><<<Grid(s.group), kThreads, smem, stream>>>(s, r, DispatchHash(s));
   }
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
@@ -677,7 +696,9 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
   if (a.src_slot_in != nullptr) {
     DispatchRecvKernel<true><<<Grid(a.group), kThreads, 0, stream>>>(a);
   } else {
-    DispatchRecvKernel<false><<<Grid(a.group), kThreads, 0, stream>>>(a);
+    size_t smem = 0;
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a, &smem));
+    DispatchRecvKernel<false><<<Grid(a.group), kThreads, smem, stream>>>(a);
   }
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
