@@ -175,7 +175,7 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
   return l;
 }
 
-// The low-latency combine stages two partial sums (8 * hidden bytes) in
+// The low-latency combine stages a partial sum per task group (two: 8 * hidden bytes) in
 // shared memory: hidden <= kMaxLowLatencyHidden.
 constexpr int64_t kMaxLowLatencyCombineSmem = kMaxSmemBytes - 1024;
 constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencyCombineSmem / 8;

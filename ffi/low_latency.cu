@@ -393,7 +393,7 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
                                                  uint32_t seq, uint32_t shape_hash,
                                                  PhaseTrace& trace) {
   using Traits = VecTraits<Elt>;
-  extern __shared__ __align__(128) char smem[];  // two stages of H floats
+  extern __shared__ __align__(128) char smem[];  // a stage of H floats per group
   const GroupView& g = a.group;
   const int op = kOpLowLatencyCombine;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
@@ -667,7 +667,7 @@ cudaError_t NumberingSmem(const DispatchRecvArgs& a, size_t* smem) {
                                                                  : cudaSuccess;
 }
 
-// Two stages of H floats (the combine's send); errors for a hidden too large.
+// A stage of H floats per task group (the combine's send); errors for a hidden too large.
 cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
   *smem = static_cast<size_t>(8 * a.hidden);
   return static_cast<int64_t>(*smem) > kMaxLowLatencyCombineSmem ? cudaErrorInvalidValue
