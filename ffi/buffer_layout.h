@@ -175,10 +175,11 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
   return l;
 }
 
-// The low-latency combine stages a partial sum per task group (two: 8 * hidden bytes) in
-// shared memory: hidden <= kMaxLowLatencyHidden.
-constexpr int64_t kMaxLowLatencyCombineSmem = kMaxSmemBytes - 1024;
-constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencyCombineSmem / 8;
+// Dynamic shared memory a low-latency kernel may take: the combine stages a
+// partial sum per task group (two: 8 * hidden bytes), so hidden <=
+// kMaxLowLatencyHidden; the dispatch receive numbers copies in (R + 1) * E/R ints.
+constexpr int64_t kMaxLowLatencySmem = kMaxSmemBytes - 1024;
+constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencySmem / 8;
 
 JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
                                                   int64_t data_row_bytes) {

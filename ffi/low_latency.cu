@@ -416,24 +416,22 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
   }
   const char* y = static_cast<const char*>(a.y);
-  {
-    // While the hellos cross the link, the L2 fetches the rows of y the
-    // group's first task adds (warp 1 of the group; warp 0 of the block waits).
-    const int group = warp / kGroupWarps;
-    const int64_t t = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
-    if (warp % kGroupWarps == 1 && t < rows && lane < K) {
-      const int32_t r = CopyRow(a.recv_slot, t * K + lane, y_rows);
-      if (r >= 0) PrefetchL2(y + r * in_row, static_cast<uint32_t>(in_row));
-    }
+  // Task t = (source rank t / T, token t % T) per group, each group with its
+  // own stage and bookkeeping; the group's thread 0 issues its bulk stores.
+  const int group = warp / kGroupWarps, gw = warp % kGroupWarps;
+  const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+  const int64_t task_step = static_cast<int64_t>(gridDim.x) * kGroups;
+  // While the hellos cross the link, the L2 fetches the rows of y the group's
+  // first task adds (warp 1 of the group; warp 0 of the block waits).
+  if (gw == 1 && first_task < rows && lane < K) {
+    const int32_t r = CopyRow(a.recv_slot, first_task * K + lane, y_rows);
+    if (r >= 0) PrefetchL2(y + r * in_row, static_cast<uint32_t>(in_row));
   }
   if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   __syncthreads();
   trace.Mark("hello");
 
   const int64_t n16 = in_row / 16;
-  // Task t = (source rank t / T, token t % T) per group, each group with its
-  // own stage and bookkeeping; the group's thread 0 issues its bulk stores.
-  const int group = warp / kGroupWarps, gw = warp % kGroupWarps;
   const int gtid = tid % kGroupThreads;
   const int bar = 1 + group;
   __shared__ int32_t copy_rows[kGroups][kMaxTopK];
@@ -443,8 +441,6 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
   float* copy_weight = copy_weights[group];
   const int64_t part_bytes = 4 * H;
   float* stage = reinterpret_cast<float*>(smem + group * part_bytes);
-  const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
-  const int64_t task_step = static_cast<int64_t>(gridDim.x) * kGroups;
   for (int64_t t = first_task; t < rows; t += task_step) {
     const bool traced = t == first_task;  // the tracer's first task, step by step
     const int s = static_cast<int>(t / T);
@@ -630,7 +626,7 @@ cudaError_t Preload() {
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
   // The combine's send may take the whole shared-memory budget for its stages,
   // the dispatch receive's numbering as much for many experts.
-  const int smem = static_cast<int>(kMaxSmemBytes - 1024);
+  const int smem = static_cast<int>(kMaxLowLatencySmem);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       DispatchRecvKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -663,14 +659,14 @@ uint32_t CombineHash(const CombineSendArgs& a) {
 cudaError_t NumberingSmem(const DispatchRecvArgs& a, size_t* smem) {
   const int64_t R = a.group.num_ranks, El = a.num_experts / std::max<int64_t>(1, R);
   *smem = static_cast<size_t>(4 * (R + 1) * El);
-  return static_cast<int64_t>(*smem) > kMaxLowLatencyCombineSmem ? cudaErrorInvalidValue
+  return static_cast<int64_t>(*smem) > kMaxLowLatencySmem ? cudaErrorInvalidValue
                                                                  : cudaSuccess;
 }
 
 // A stage of H floats per task group (the combine's send); errors for a hidden too large.
 cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
   *smem = static_cast<size_t>(8 * a.hidden);
-  return static_cast<int64_t>(*smem) > kMaxLowLatencyCombineSmem ? cudaErrorInvalidValue
+  return static_cast<int64_t>(*smem) > kMaxLowLatencySmem ? cudaErrorInvalidValue
                                                                  : cudaSuccess;
 }
 

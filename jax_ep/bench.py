@@ -190,12 +190,12 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
   # "ep", or ("node", "local") for a two-axis mesh (--mesh NODExLOCAL).
   axis = mesh.axis_names[0] if len(mesh.axis_names) == 1 else tuple(mesh.axis_names)
   R = mesh.size
+  nodes = mesh.shape[axis[0]] if isinstance(axis, tuple) else 1
   N, H, K, E = num_tokens, hidden, num_topk, num_experts
   nbytes = None
   if backend == "cuda" and mode == "low_latency":
     nbytes = jax_ep.Buffer.get_low_latency_buffer_size_hint(N, H, R, K)
   elif backend == "cuda":
-    nodes = mesh.shape[axis[0]] if isinstance(axis, tuple) else 1
     nbytes = jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.bfloat16, num_nodes=nodes)
   buf = jax_ep.Buffer(mesh, axis, backend=backend, num_nvl_bytes=nbytes, num_sms=num_sms)
   rng = np.random.default_rng(seed)
@@ -267,8 +267,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
               "dispatch": rows_in, "cached_dispatch": rows_in,
               "combine": [fresh((cap, H), 1000 + k) for k in range(iters)]}
     if "node_hop" in ops:
-      Nn = mesh.shape[axis[0]]
-      inputs["node_hop"] = [fresh((Nn * N, H), 2000 + k) for k in range(iters)]
+      inputs["node_hop"] = [fresh((nodes * N, H), 2000 + k) for k in range(iters)]
     needs_handle, needs_layout = ("cached_dispatch", "combine"), ("dispatch",)
 
     def setup(x, idx):
@@ -281,7 +280,7 @@ def time_backend(mesh, backend, num_tokens, hidden, num_topk, num_experts, *,
         "cached_dispatch": lambda v, idx, w, h, layout: buf.dispatch(v, handle=h)[0],
         "combine": lambda v, idx, w, h, layout: buf.combine(v, h)[0],
         "node_hop": lambda v, idx, w, h, layout: lax.all_to_all(
-            v.reshape((mesh.shape[axis[0]], N, H)), axis[0], 0, 0),
+            v.reshape((nodes, N, H)), axis[0], 0, 0),
     }
 
   def program(op, n):
