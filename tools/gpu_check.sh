@@ -20,6 +20,7 @@
 #   trace      rebuild with kernel phase timestamps (JAX_EP_PHASE_TRACE), run the
 #              small shape (normal combine, low-latency ops) on cuda, keep the
 #              trace lines in $OUT/trace_*.log, then rebuild without them
+#              (TRACE_SHAPES=small,deepep traces the normal mode at both shapes)
 #   random     1008 random routings on the cuda backend against the NumPy
 #              reference (tests/test_random_routings.py's check): one process
 #              on every GPU (R = 1, 2, 4, 8 up to the GPU count), then 336 each
@@ -125,7 +126,9 @@ if has trace; then
   $PY -m pip install --no-build-isolation --no-deps -C cmake.define.JAX_EP_PHASE_TRACE=ON -e . \
     >"$OUT/trace_build.log" 2>&1 || { tail -30 "$OUT/trace_build.log"; status=1; }
   for mode in normal low_latency; do
-    JAX_PLATFORMS=cuda timeout 200 $PY -m jax_ep.bench --mode $mode --shapes small --backends cuda \
+    shapes=small
+    [ "$mode" = normal ] && shapes=${TRACE_SHAPES:-small}
+    JAX_PLATFORMS=cuda timeout 200 $PY -m jax_ep.bench --mode $mode --shapes "$shapes" --backends cuda \
       >"$OUT/trace_raw_$mode.log" 2>&1 || status=1
     grep -a "phase trace" "$OUT/trace_raw_$mode.log" >"$OUT/trace_$mode.log"
     rm -f "$OUT/trace_raw_$mode.log"
