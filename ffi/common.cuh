@@ -413,6 +413,18 @@ __device__ __forceinline__ uint64_t FlagValue(uint32_t seq, int64_t low) {
   return (static_cast<uint64_t>(seq) << 32) | static_cast<uint32_t>(low);
 }
 
+// Marks this rank's `count` flags as not this op's (the previous sequence
+// number) before the op's hellos let peers write them. Where the flags sit
+// depends on the op's shapes, and an earlier op of other shapes may have left
+// row bytes there that read as this op's sequence number: the two-axis local
+// hop's int32 gathers (small integers) did, and a cached dispatch took a
+// gather's bytes for a row's flag. Block 0 does it; the caller's barrier
+// orders it before the hello stores, whose release covers it.
+__device__ __forceinline__ void ResetFlags(uint64_t* flags, int64_t count, uint32_t seq) {
+  const uint64_t stale = FlagValue(seq - 1u, 0);
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) flags[j] = stale;
+}
+
 // Waits for rank `src`'s hello for this op in our header; a hello for the same
 // sequence number but another op, other shapes or an abort is fatal.
 static __device__ void WaitHello(const GroupView& g, char* own, int par, int src, uint64_t want,

@@ -422,6 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  if (b == 0) ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);  // before P1's hellos
   __syncthreads();
   if (t == 0) {
     for (int d = 0; d <= kMaxRanks; ++d) block_counts[b * (kMaxRanks + 1) + d] = s_count[d];
@@ -674,7 +675,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int q = __ldg(a.send_pos + i * R + d);
     return q < M ? q : -1;
   };
-  if (b == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+  if (b == 0) {
+    ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);
+    __syncthreads();
+    if (warp == 0) SendHellos(g, par, me, hello, lane);
+  }
 
   if (warp < kPushWarps) {
     if (lane < R && lane != me) {
@@ -845,7 +850,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t valid = ValidRows(*a.num_recv_tokens, M);
   const char* y = static_cast<const char*>(a.y);
   const float* weights = a.weights;
-  if (b == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
+  if (b == 0) {
+    ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);
+    __syncthreads();
+    if (warp == 0) SendHellos(g, par, me, hello, lane);
+  }
 
   if (warp < kPushWarps) {
     if (lane < R && lane != me) {

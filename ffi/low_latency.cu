@@ -131,11 +131,15 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
     if (nv > 0) PrefetchL2(x + i * row_bytes + v0 * 16, static_cast<uint32_t>(nv * 16));
     if (gw == 0 && K % 4 == 0) PrefetchL2(a.topk_idx + i * K, static_cast<uint32_t>(4 * K));
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0) *a.ticket = seq;
-  if (blockIdx.x == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
-  if (warp == 0 && lane < R && lane != me) {
-    WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
+  if (blockIdx.x == 0) {
+    if (threadIdx.x == 0) *a.ticket = seq;
+    ResetFlags(At<uint64_t>(own, reg.flags), R * T, seq);
+    __syncthreads();
+    if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
   }
+  // Our own hello too: the tasks for this rank write our flags, which block 0
+  // resets first.
+  if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   __syncthreads();
   trace.Mark("hello");
 
@@ -412,7 +416,8 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
       float* w = At<float>(own, reg.weights);
       for (int64_t j = tid; j < N * K; j += kThreads) w[j] = __ldg(a.weights + j);
     }
-    __syncthreads();  // then the hellos' release stores cover the weights
+    ResetFlags(At<uint64_t>(own, reg.flags), R * T, seq);
+    __syncthreads();  // then the hellos' release stores cover the weights and the flags
     if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
   }
   const char* y = static_cast<const char*>(a.y);

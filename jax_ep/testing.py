@@ -690,6 +690,73 @@ def check_fp8_dispatch(process, num_processes, *, seed=0, num_tokens=24, hidden=
           "dropped": any(len(r["recv_src"]) < r["num_recv_tokens"] for r in ref)}
 
 
+def check_stale_flags(process, num_processes, *, seed=3, num_tokens=1024, hidden=64,
+                      pattern_width=1024, num_max_tokens=512, backend="cuda"):
+  """Row bytes an earlier op left where a later op keeps its flags must not pass
+  for that op's flags (where the flags sit depends on each op's shapes).
+
+  Each op its own jitted call, in this order: a dispatch; a one-token dispatch to
+  every rank whose row is int32 words laid out as the flags of sequence numbers
+  1..64 (what the two-axis Buffer's int32 gathers did by chance); a cached dispatch
+  with the first handle; the one-token dispatch again; a low-latency dispatch. The
+  cached and low-latency rows must be the reference's. (Before every op reset its
+  flags first, the cached dispatch stopped with "a row from rank 1 does not match
+  the handle" where the gather's bytes sat.)
+  """
+  import jax_ep
+  from jax_ep.handles import DispatchHandle
+  mesh = _global_mesh()
+  R, N, H, T, W = mesh.size, num_tokens, hidden, num_max_tokens, pattern_width
+  K, E = 2, 2 * mesh.size
+  nbytes = (max(jax_ep.Buffer.get_buffer_size_hint(N, H, R, K, jnp.float32),
+                jax_ep.Buffer.get_low_latency_buffer_size_hint(T, H, R, K))
+            if backend == "cuda" else None)
+  buf = jax_ep.Buffer(mesh, "ep", backend=backend, num_nvl_bytes=nbytes)
+  rng = np.random.default_rng(seed)
+  xs = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  x2s = [rng.standard_normal((N, H)).astype(np.float32) for _ in range(R)]
+  idxs = [random_routing(rng, N, K, E) for _ in range(R)]
+  lls = [np.asarray(jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16).astype(jnp.float32))
+         for _ in range(R)]
+  ll_idxs = [random_routing(rng, T, K, E) for _ in range(R)]
+  words = np.arange(W // 2)
+  flag_like = np.stack([(words * 7) % N, 1 + words % 64], axis=1).astype(np.int32)
+  pattern = [flag_like.reshape(1, W).view(np.float32) for _ in range(R)]
+  to_all = [(2 * np.arange(R, dtype=np.int32))[None, :] for _ in range(R)]
+
+  def jitted(fn, n_in):
+    return jax.jit(jax.shard_map(lambda *a: tuple(o[None] for o in fn(*[v[0] for v in a])),
+                                 mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=P("ep")))
+
+  g = lambda a: _to_global(mesh, a)
+  fields = ("send_pos", "recv_src_idx", "recv_src_rank", "num_recv_tokens")
+  dispatch = jitted(lambda x, i: (lambda o: (o[0], *(getattr(o[4], f) for f in fields)))(
+      buf.dispatch(x, topk_idx=i, num_experts=E)), 2)
+  scatter = jitted(lambda x, i: (buf.dispatch(x, topk_idx=i, num_experts=E,
+                                              num_worst_tokens=R)[0],), 2)
+  cached = jitted(lambda x, *h: (buf.dispatch(x, handle=DispatchHandle(*h))[0],), 5)
+  ll = jitted(lambda x, i: buf.low_latency_dispatch(x.astype(jnp.bfloat16), i, T, E)[:2], 2)
+
+  handle = dispatch(g(xs), g(idxs))[1:]
+  scatter(g(pattern), g(to_all))
+  (recv2,) = cached(g(x2s), *handle)
+  scatter(g(pattern), g(to_all))
+  recv_ll, count_ll = ll(g(lls), g(ll_idxs))
+  ref2 = reference_dispatch(x2s, idxs, None, E)
+  ref_ll = reference_low_latency_dispatch(lls, ll_idxs, T, E)
+  got2, got_ll, got_count = (_local_ranks(o) for o in (recv2, recv_ll, count_ll))
+  for rank in got2:
+    where = f"rank {rank}/{R}"
+    n = len(ref2[rank]["recv_x"])
+    np.testing.assert_array_equal(got2[rank][:n], ref2[rank]["recv_x"], where + " cached")
+    np.testing.assert_array_equal(got_count[rank], ref_ll[rank]["recv_count"], where)
+    for e, c in enumerate(ref_ll[rank]["recv_count"]):
+      np.testing.assert_array_equal(got_ll[rank][e, :c].astype(np.float32),
+                                    ref_ll[rank]["recv_x"][e, :c], f"{where} ll expert {e}")
+  buf.destroy()
+  return {"ranks": sorted(got2), "num_ranks": R}
+
+
 def check_stale_layout(process, num_processes, *, hidden=64, timeout_s=30.0):
   """Rank 0 passes a layout made for other routing: dispatch must refuse it."""
   import jax_ep

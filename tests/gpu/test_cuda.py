@@ -104,6 +104,15 @@ def test_fp8_dispatch_moves_bytes_exactly(model, num_ranks, hidden):
   assert ranks_checked(res) == list(range(num_ranks))
 
 
+@pytest.mark.parametrize("model,num_ranks", [("emulated", 2), ("emulated", 4), ("one", 2),
+                                             ("per-gpu", 2)])
+def test_stale_row_bytes_never_pass_for_flags(model, num_ranks):
+  # Flags sit where each op's shapes put them; bytes an earlier op left there
+  # (laid out as flags of every small sequence number) must not pass for them.
+  res = run("jax_ep.testing:check_stale_flags", model, num_ranks)
+  assert ranks_checked(res) == list(range(num_ranks))
+
+
 @pytest.mark.parametrize("model,num_ranks", [("one", 2), ("per-gpu", 4)])
 def test_two_axes_contract(model, num_ranks):
   # Issue 13: (node 2, local 1) in one process (node hop on NCCL, local hop on
