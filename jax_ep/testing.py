@@ -742,7 +742,7 @@ def check_stale_flags(process, num_processes, *, seed=3, num_tokens=1024, hidden
   (recv2,) = cached(g(x2s), *handle)
   scatter(g(pattern), g(to_all))
   recv_ll, count_ll = ll(g(lls), g(ll_idxs))
-  ref2 = reference_dispatch(x2s, idxs, None, E)
+  ref2 = reference_dispatch(x2s, idxs, [None] * R, E)
   ref_ll = reference_low_latency_dispatch(lls, ll_idxs, T, E)
   got2, got_ll, got_count = (_local_ranks(o) for o in (recv2, recv_ll, count_ll))
   for rank in got2:
