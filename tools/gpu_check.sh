@@ -13,6 +13,9 @@
 #   bench-ll   the low-latency mode, bf16 and FP8 (--mode low_latency), into $OUT/ll
 #   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
 #   bench-mesh the two-axis Buffer (--mesh Gx1: node hop on NCCL, local hop ours)
+#   bench-mesh-local  the two-axis Buffer over 2G processes (--mesh Gx2, two ranks
+#              sharing each GPU under MPS: the local hop on our kernels over CUDA IPC
+#              within a GPU, the node hop on NCCL across GPUs); cuda only
 #   sanitizer  compute-sanitizer memcheck of the main job over every GPU (0 errors)
 #   kernels    per-kernel device times at R = 1 (ncu)
 #   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
@@ -157,6 +160,13 @@ if has bench-mesh && [ "$NGPU" -gt 1 ]; then
   echo "=== bench, two axes (node = $NGPU, local = 1: node hop on NCCL, local hop on our kernels)"
   JAX_PLATFORMS=cuda timeout 400 $PY -m jax_ep.bench --mesh "${NGPU}x1" --backends cuda,xla \
     --out "$OUT/mesh" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_mesh.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if has bench-mesh-local && [ "$NGPU" -gt 1 ]; then
+  echo "=== bench, two axes over $((2 * NGPU)) processes (node = $NGPU, local = 2 sharing each GPU)"
+  timeout "${MESH_TIMEOUT:-400}" $PY -m jax_ep.bench --ranks $((2 * NGPU)) --gpus "$NGPU" \
+    --mesh "${NGPU}x2" --backends cuda --shapes "${MESH_SHAPES:-deepep,small}" --iters 5 --reps 3 \
+    --out "$OUT/mesh_local" 2>&1 | tee "$OUT/bench_mesh_local.log" | tail -8
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if has bench-emulated; then
