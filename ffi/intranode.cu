@@ -15,8 +15,9 @@
 // with a 64-bit "hello" (sequence, op, shape hash) written into every peer;
 // a rank writes into a peer only after reading that peer's hello for the same
 // op, i.e. after the peer has finished everything before it. Row flags carry
-// the sequence number too, so nothing needs resetting and stale data can never
-// pass for new. Ideas from DeepEP (csrc/kernels/intranode.cu: count exchange
+// the sequence number too, and block 0 resets the op's flag slots before its
+// hello (ResetFlags: another op's rows may lie there), so stale bytes can never
+// pass for a flag. Ideas from DeepEP (csrc/kernels/intranode.cu: count exchange
 // through peers' buffers, prefix offsets, sender/receiver specialisation) and
 // from NVIDIA's Hybrid-EP / DeepEP V2 (TMA for NVLink traffic).
 #include <algorithm>
