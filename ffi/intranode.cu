@@ -146,8 +146,8 @@ __device__ int WaitReadyRun(int64_t v, int64_t end, int64_t step, IsReady is_rea
   }
 }
 
-// Within rows [a, z), whose tokens `row_token` ascend, the first row whose
-// token is >= t.
+// Within rows [a, z), whose values `row_token` ascend (tokens, or source ranks),
+// the first row whose value is >= t.
 __device__ __forceinline__ int64_t FirstRowFrom(const int32_t* row_token, int64_t a, int64_t z,
                                                 int64_t t) {
   while (a < z) {
@@ -226,15 +226,8 @@ struct Windows {
 // are sorted by source rank (binary search, one lane per rank).
 __device__ void SourceRanges(const int32_t* recv_src_rank, int64_t valid, int R, int lane,
                              int64_t (&lo)[kMaxRanks], int64_t (&hi)[kMaxRanks]) {
-  int64_t mine = valid;
-  if (lane <= R) {
-    int64_t a = 0, z = valid;  // first row with source >= lane
-    while (a < z) {
-      const int64_t m = (a + z) / 2;
-      if (__ldg(recv_src_rank + m) < lane) a = m + 1; else z = m;
-    }
-    mine = a;
-  }
+  // The first row with source >= lane.
+  const int64_t mine = lane <= R ? FirstRowFrom(recv_src_rank, 0, valid, lane) : valid;
 #pragma unroll
   for (int d = 0; d < kMaxRanks; ++d) {
     const int64_t start = __shfl_sync(kFullMask, mine, d);
