@@ -146,9 +146,25 @@ __device__ int WaitReadyRun(int64_t v, int64_t end, int64_t step, IsReady is_rea
   }
 }
 
-// This block's share [lo + b*n/G, lo + (b+1)*n/G) of up to R row ranges,
-// concatenated, so a warp can walk them with one index. The shares line up
-// with the senders' token ranges, so rows tend to be drained in arrival order.
+// Within rows [a, z), whose values `row_token` ascend (tokens, or source ranks),
+// the first row whose value is >= t.
+__device__ __forceinline__ int64_t FirstRowFrom(const int32_t* row_token, int64_t a, int64_t z,
+                                                int64_t t) {
+  while (a < z) {
+    const int64_t m = (a + z) / 2;
+    if (__ldg(row_token + m) < t) a = m + 1; else z = m;
+  }
+  return a;
+}
+
+// This block's share of up to R row ranges, concatenated, so a warp can walk
+// them with one index. Set: [lo + b*n/G, lo + (b+1)*n/G) of each range.
+// SetByTokens: the rows of tokens [b*N/G, (b+1)*N/G), which is exactly what
+// block b of the token's rank pushes (cached dispatch) or sums (combine): a
+// share cut by rows puts the rows near a cut in the neighbour block, whose
+// pusher sends them last, and a warp that waits for its first token in order
+// then idles until the end (the DeepEP-shape combine trace: one block's first
+// token at 212 us of 390).
 struct Windows {
   int64_t lo[kMaxRanks], len[kMaxRanks];
   int64_t total;
@@ -162,6 +178,30 @@ struct Windows {
       const int64_t n = (d == skip || span < 0) ? 0 : span;
       lo[d] = range_lo[d] + b * n / G;
       len[d] = range_lo[d] + (b + 1) * n / G - lo[d];
+      total += len[d];
+    }
+  }
+  // Rows sorted by token within each range (a handle's receive rows); lane d
+  // searches range d; every lane calls it.
+  __device__ void SetByTokens(const int32_t* row_token, int64_t N,
+                              const int64_t (&range_lo)[kMaxRanks],
+                              const int64_t (&range_hi)[kMaxRanks], int skip, int lane) {
+    const int64_t b = blockIdx.x, G = gridDim.x;
+    int64_t a = 0, z = 0;
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      if (d == lane) {
+        a = range_lo[d];
+        z = (d == skip || range_hi[d] < a) ? a : range_hi[d];
+      }
+    }
+    const int64_t first = FirstRowFrom(row_token, a, z, b * N / G);
+    const int64_t stop = FirstRowFrom(row_token, first, z, (b + 1) * N / G);
+    total = 0;
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      lo[d] = __shfl_sync(kFullMask, first, d);
+      len[d] = __shfl_sync(kFullMask, stop, d) - lo[d];
       total += len[d];
     }
   }
@@ -186,15 +226,8 @@ struct Windows {
 // are sorted by source rank (binary search, one lane per rank).
 __device__ void SourceRanges(const int32_t* recv_src_rank, int64_t valid, int R, int lane,
                              int64_t (&lo)[kMaxRanks], int64_t (&hi)[kMaxRanks]) {
-  int64_t mine = valid;
-  if (lane <= R) {
-    int64_t a = 0, z = valid;  // first row with source >= lane
-    while (a < z) {
-      const int64_t m = (a + z) / 2;
-      if (__ldg(recv_src_rank + m) < lane) a = m + 1; else z = m;
-    }
-    mine = a;
-  }
+  // The first row with source >= lane.
+  const int64_t mine = lane <= R ? FirstRowFrom(recv_src_rank, 0, valid, lane) : valid;
 #pragma unroll
   for (int d = 0; d < kMaxRanks; ++d) {
     const int64_t start = __shfl_sync(kFullMask, mine, d);
@@ -735,7 +768,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t lo[kMaxRanks], hi[kMaxRanks];
     SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
     Windows win;
-    win.Set(lo, hi, me);
+    win.SetByTokens(a.recv_src_idx, N, lo, hi, me, lane);
     const uint64_t* flags = At<uint64_t>(own, reg.flags);
     const float* meta_base = At<float>(own, reg.stage_meta);
     auto next = [](int64_t v) { return v; };
@@ -868,7 +901,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t lo[kMaxRanks], hi[kMaxRanks];
     SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
     Windows win;
-    win.Set(lo, hi, me);
+    win.SetByTokens(a.recv_src_idx, N, lo, hi, me, lane);
     // Item v is receive row win.Row(v); it goes to its source rank, unless the
     // handle is foreign (then it is skipped rather than written out of bounds).
     auto target = [&](int64_t v, int64_t* token) {
