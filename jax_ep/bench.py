@@ -378,21 +378,39 @@ def _attempt(mesh, backend, shape, **kwargs):
 
 
 def rank_bench(process, num_processes, shapes, backends, iters, reps, num_sms_list,
-               mode="normal", dtypes=("bf16",), nodes=0):
+               mode="normal", dtypes=("bf16",), nodes=0, rounds=1):
   """One process of a multi-process benchmark: every backend on the global mesh
-  (``nodes`` > 0: the two-axis mesh of ``testing.two_axis_mesh``)."""
+  (``nodes`` > 0: the two-axis mesh of ``testing.two_axis_mesh``), ``rounds`` times
+  over (see ``--rounds``)."""
   import jax
   from jax_ep import testing as ept
   mesh = ept.two_axis_mesh(nodes) if nodes else ept._global_mesh()
   axis = tuple(mesh.axis_names) if nodes else "ep"
   to_global = lambda m, a: ept._to_global(m, a, axis)
   out = {"device_kind": jax.devices()[0].device_kind, "num_ranks": mesh.size, "runs": []}
-  for s in shapes:
-    for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
-      res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=to_global,
-                     num_sms=num_sms, mode=mode, dtype=dtype)
-      out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "dtype": dtype,
-                          "res": res})
+  for _ in range(rounds):
+    for s in shapes:
+      for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
+        res = _attempt(mesh, b, s, iters=iters, reps=reps, to_global=to_global,
+                       num_sms=num_sms, mode=mode, dtype=dtype)
+        out["runs"].append({"shape": s, "backend": b, "num_sms": num_sms, "dtype": dtype,
+                            "res": res})
+  return out
+
+
+def _fold_rounds(results):
+  """``[(key, res)]`` of every round, in order -> ``{key: res}`` with each op's per-run
+  times of all rounds (medians then cover every round). A round that failed wins: its
+  row says why."""
+  out = {}
+  for key, res in results:
+    have = out.get(key)
+    if have is None or "error" in res:
+      out[key] = dict(res)
+    elif "error" not in have:
+      for op in TIMED_OPS:
+        if op in res:
+          have[op] = list(have[op]) + list(res[op])
   return out
 
 
@@ -482,6 +500,12 @@ def main(argv=None) -> int:
                   help="calls per timed run (default: 20 on GPUs, 5 on CPU)")
   ap.add_argument("--reps", type=int, default=None,
                   help="timed runs, the median is reported (default: 7 on GPUs, 3 on CPU)")
+  ap.add_argument("--rounds", type=int, default=1,
+                  help="go through every shape and backend this many times, one after "
+                       "the other, and report the median over all rounds' runs: the "
+                       "backends then take turns, so a drift of the machine's speed "
+                       "during the run (small shapes move by ~10 us between runs) "
+                       "touches all of them alike")
   ap.add_argument("--out", default="", help="folder for results.json and bench.png "
                   "(default: print the table only)")
   ap.add_argument("--mesh", default="",
@@ -504,6 +528,8 @@ def main(argv=None) -> int:
                   help="instead: the experts' grouped matmuls and the MoE block "
                        "(jax_ep.bench_moe)")
   args = ap.parse_args(argv)
+  if args.rounds < 1:
+    ap.error(f"--rounds must be at least 1, got {args.rounds}")
   num_sms_list = [int(v) for v in args.num_sms.split(",") if v] or [None]
   dtypes = [d for d in args.dtypes.split(",") if d]
   if not dtypes or any(d not in ("bf16", "fp8") for d in dtypes):
@@ -543,12 +569,15 @@ def main(argv=None) -> int:
     res = launch("jax_ep.bench:rank_bench", args.ranks, env=env, timeout_s=580, gpus=args.gpus,
                  kwargs=dict(shapes=shapes, backends=backends, iters=iters,
                              reps=reps, num_sms_list=num_sms_list, mode=args.mode,
-                             dtypes=dtypes, nodes=nodes))
+                             dtypes=dtypes, nodes=nodes, rounds=args.rounds))
+    merged = []  # per run: the slowest process's times, with the run's byte counts
     for k, run in enumerate(res[0]["runs"]):
       times = _merge([r["runs"][k]["res"] for r in res])
-      rows.append(_row(run["backend"], args.ranks, processes, run["shape"], run["num_sms"],
-                       times, times if "error" in times else run["res"], None,
-                       mode=args.mode, dtype=run["dtype"]))
+      merged.append(((run["backend"], run["shape"], run["num_sms"], run["dtype"]),
+                     times if "error" in times else {**run["res"], **times}))
+    for (b, shape, num_sms, dtype), r in _fold_rounds(merged).items():
+      rows.append(_row(b, args.ranks, processes, shape, num_sms, r, r, None,
+                       mode=args.mode, dtype=dtype))
     gpus_used = min(args.gpus, args.ranks) if args.gpus else 1
     device = f"{gpus_used} x {res[0]['device_kind']}"
     on_gpu = True
@@ -577,27 +606,35 @@ def main(argv=None) -> int:
     if "cuda" in backends and not (jax_ep.build_info()["cuda"] and on_gpu):
       backends.remove("cuda")
     copy_gbps = copy_bandwidth(devices[0]) if on_gpu else None
-    for s in shapes:
-      for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
-        if b == "ragged" and (s, dtype) in ragged:
-          res = ragged[(s, dtype)]
-        else:
-          res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms,
-                         clock=args.clock, hlo_dir=args.hlo or None, mode=args.mode,
-                         dtype=dtype)
-        rows.append(_row(b, len(devices), f"one, mesh {args.mesh}" if args.mesh else "one",
-                         s, num_sms, res, res, copy_gbps, bandwidth=on_gpu,
-                         mode=args.mode, dtype=dtype))
-        print(_table([rows[-1]], _columns(on_gpu, rows[-1:]), header=False), flush=True)
+    processes = f"one, mesh {args.mesh}" if args.mesh else "one"
+    results = []
+    for _ in range(args.rounds):
+      for s in shapes:
+        for b, num_sms, dtype in _configs(backends, num_sms_list, dtypes):
+          if b == "ragged" and (s, dtype) in ragged:  # timed once, in its own process
+            if any(key == (b, s, num_sms, dtype) for key, _ in results):
+              continue
+            res = ragged[(s, dtype)]
+          else:
+            res = _attempt(mesh, b, s, iters=iters, reps=reps, num_sms=num_sms,
+                           clock=args.clock, hlo_dir=args.hlo or None, mode=args.mode,
+                           dtype=dtype)
+          results.append(((b, s, num_sms, dtype), res))
+          row = _row(b, len(devices), processes, s, num_sms, res, res, copy_gbps,
+                     bandwidth=on_gpu, mode=args.mode, dtype=dtype)
+          print(_table([row], _columns(on_gpu, [row]), header=False), flush=True)
+    for (b, s, num_sms, dtype), res in _fold_rounds(results).items():
+      rows.append(_row(b, len(devices), processes, s, num_sms, res, res, copy_gbps,
+                       bandwidth=on_gpu, mode=args.mode, dtype=dtype))
     device = f"{len(devices)} x {devices[0].device_kind}"
 
   p2p_gbps = min(p2p.values()) if p2p else None
   print(f"jax_ep.bench on {device}" + (f", p2p {p2p_gbps} GB/s" if p2p_gbps else ""))
   print(_table(rows, _columns(on_gpu, rows)))
   if not on_gpu:
-    print(f"(CPU: microseconds per op by the host clock, median of {reps} runs of {iters} "
-          "calls; no GB/s: the virtual devices share the host's memory, so no bytes cross "
-          "a link)")
+    print(f"(CPU: microseconds per op by the host clock, median of {reps * args.rounds} runs "
+          f"of {iters} calls; no GB/s: the virtual devices share the host's memory, so no "
+          "bytes cross a link)")
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

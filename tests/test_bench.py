@@ -155,3 +155,33 @@ def test_two_axis_rows_time_the_node_hop_and_count_both_hops():
   assert res["local_hop_bytes"] > 0 and res["crossing_bytes"] >= res["node_hop_bytes"]
   assert {"node_hop_mb", "local_hop_mb", "flat_crossing_mb"} <= set(row)
   assert "node_hop_us" in bench._columns(False, [row])
+
+
+def test_rounds_fold_every_rounds_runs_and_keep_errors():
+  # --rounds: each op's runs of all rounds feed one median; a failed round names why.
+  a = {"dispatch": [1.0, 2.0], "combine": [5.0], "op_bytes": {"dispatch": 10}}
+  b = {"dispatch": [3.0], "combine": [6.0, 7.0], "op_bytes": {"dispatch": 10}}
+  bad = {"error": "RuntimeError: gone"}
+  folded = bench._fold_rounds([(("xla", "small"), a), (("cuda", "small"), bad),
+                               (("xla", "small"), b), (("cuda", "small"), a)])
+  assert list(folded) == [("xla", "small"), ("cuda", "small")]  # first-seen order
+  assert folded[("xla", "small")]["dispatch"] == [1.0, 2.0, 3.0]
+  assert folded[("xla", "small")]["combine"] == [5.0, 6.0, 7.0]
+  assert folded[("xla", "small")]["op_bytes"] == {"dispatch": 10}
+  assert folded[("cuda", "small")] == bad
+  assert a["dispatch"] == [1.0, 2.0]  # the inputs are left as they were
+
+
+def test_bench_rounds_give_one_row_per_backend(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  res = subprocess.run([sys.executable, "-m", "jax_ep.bench", "--backends", "xla",
+                        "--iters", "1", "--reps", "1", "--rounds", "2", "--out",
+                        str(tmp_path)], check=True, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert "median of 2 runs" in res.stdout, res.stdout
+  (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert row["backend"] == "xla" and type(row["dispatch_us"]) is float
+  bad = subprocess.run([sys.executable, "-m", "jax_ep.bench", "--rounds", "0"], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode != 0 and "--rounds must be at least 1" in bad.stderr
