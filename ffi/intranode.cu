@@ -222,6 +222,16 @@ struct Windows {
   }
 };
 
+// Block 0 of an op whose peers may push as soon as they see its hello (cached
+// dispatch, combine): this op's flag slots are reset (ResetFlags), then the
+// hellos go out. The whole block calls it.
+__device__ void OpenOp(const GroupView& g, char* own, const IntranodeRegions& reg, int par, int me,
+                       uint32_t seq, uint64_t hello, int warp, int lane) {
+  ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);
+  __syncthreads();
+  if (warp == 0) SendHellos(g, par, me, hello, lane);
+}
+
 // Row ranges of each source rank among the first `valid` receive rows, which
 // are sorted by source rank (binary search, one lane per rank).
 __device__ void SourceRanges(const int32_t* recv_src_rank, int64_t valid, int R, int lane,
@@ -709,11 +719,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int q = __ldg(a.send_pos + i * R + d);
     return q < M ? q : -1;
   };
-  if (b == 0) {
-    ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);
-    __syncthreads();
-    if (warp == 0) SendHellos(g, par, me, hello, lane);
-  }
+  if (b == 0) OpenOp(g, own, reg, par, me, seq, hello, warp, lane);
 
   if (warp < kPushWarps) {
     if (lane < R && lane != me) {
@@ -884,11 +890,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t valid = ValidRows(*a.num_recv_tokens, M);
   const char* y = static_cast<const char*>(a.y);
   const float* weights = a.weights;
-  if (b == 0) {
-    ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);
-    __syncthreads();
-    if (warp == 0) SendHellos(g, par, me, hello, lane);
-  }
+  if (b == 0) OpenOp(g, own, reg, par, me, seq, hello, warp, lane);
 
   if (warp < kPushWarps) {
     if (lane < R && lane != me) {

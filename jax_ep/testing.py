@@ -724,22 +724,19 @@ def check_stale_flags(process, num_processes, *, seed=3, num_tokens=1024, hidden
   pattern = [flag_like.reshape(1, W).view(np.float32) for _ in range(R)]
   to_all = [(2 * np.arange(R, dtype=np.int32))[None, :] for _ in range(R)]
 
-  def jitted(fn, n_in):
-    return jax.jit(jax.shard_map(lambda *a: tuple(o[None] for o in fn(*[v[0] for v in a])),
-                                 mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=P("ep")))
-
+  jitted = lambda fn: jax.jit(per_rank_fn(fn, mesh))
   g = lambda a: _to_global(mesh, a)
   fields = ("send_pos", "recv_src_idx", "recv_src_rank", "num_recv_tokens")
   dispatch = jitted(lambda x, i: (lambda o: (o[0], *(getattr(o[4], f) for f in fields)))(
-      buf.dispatch(x, topk_idx=i, num_experts=E)), 2)
-  scatter = jitted(lambda x, i: (buf.dispatch(x, topk_idx=i, num_experts=E,
-                                              num_worst_tokens=R)[0],), 2)
-  cached = jitted(lambda x, *h: (buf.dispatch(x, handle=DispatchHandle(*h))[0],), 5)
-  ll = jitted(lambda x, i: buf.low_latency_dispatch(x.astype(jnp.bfloat16), i, T, E)[:2], 2)
+      buf.dispatch(x, topk_idx=i, num_experts=E)))
+  scatter = jitted(lambda x, i: buf.dispatch(x, topk_idx=i, num_experts=E,
+                                             num_worst_tokens=R)[0])
+  cached = jitted(lambda x, *h: buf.dispatch(x, handle=DispatchHandle(*h))[0])
+  ll = jitted(lambda x, i: buf.low_latency_dispatch(x.astype(jnp.bfloat16), i, T, E)[:2])
 
   handle = dispatch(g(xs), g(idxs))[1:]
   scatter(g(pattern), g(to_all))
-  (recv2,) = cached(g(x2s), *handle)
+  recv2 = cached(g(x2s), *handle)
   scatter(g(pattern), g(to_all))
   recv_ll, count_ll = ll(g(lls), g(ll_idxs))
   ref2 = reference_dispatch(x2s, idxs, [None] * R, E)
