@@ -7,7 +7,8 @@
 // The counters must start at zero, but a separate memset would cost a launch
 // (most of the op's time at small batches): block 0 zeroes them and publishes
 // the call's sequence number in the rank's buffer header; the other blocks
-// count into shared memory meanwhile and wait for it before adding.
+// count into shared memory meanwhile and wait for it before adding. Small
+// batches take one block instead, which needs none of that.
 #include <algorithm>
 
 #include "common.cuh"
@@ -20,6 +21,59 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 264;
 constexpr int64_t kMaxHistSmemBytes = 48 * 1024;
+constexpr int kOneBlockThreads = 1024;
+constexpr int64_t kOneBlockMaxWork = 8 * kOneBlockThreads;  // slots or pairs
+
+// Counts the (token, k) slots and (token, rank) pairs of threads tid, tid +
+// stride, ... into the histograms (shared or global) and writes the mask.
+__device__ __forceinline__ void CountSlots(const int32_t* __restrict__ topk_idx,
+                                           int64_t num_tokens, int num_topk, int num_experts,
+                                           int num_ranks, int* expert_hist, int* rank_hist,
+                                           bool* __restrict__ in_rank, int64_t tid,
+                                           int64_t stride) {
+  const int experts_per_rank = num_experts / num_ranks;
+  // Expert histogram over (token, k) slots.
+  const int64_t num_slots = num_tokens * num_topk;
+  for (int64_t s = tid; s < num_slots; s += stride) {
+    const int e = __ldg(topk_idx + s);
+    if (e >= 0 && e < num_experts) atomicAdd(expert_hist + e, 1);
+  }
+  // Token->rank mask and rank histogram over (token, rank) pairs.
+  const int64_t num_pairs = num_tokens * num_ranks;
+  for (int64_t p = tid; p < num_pairs; p += stride) {
+    const int64_t i = p / num_ranks;
+    const int d = static_cast<int>(p - i * num_ranks);
+    const int lo = d * experts_per_rank;
+    const int hi = lo + experts_per_rank;
+    bool hit = false;
+    for (int k = 0; k < num_topk; ++k) {
+      const int e = __ldg(topk_idx + i * num_topk + k);
+      hit |= (e >= lo && e < hi);
+    }
+    in_rank[p] = hit;
+    if (hit) atomicAdd(rank_hist + d, 1);
+  }
+}
+
+// Small batches (a few thousand slots): one block counts everything in shared
+// memory and writes the counts outright, with no zeroing, no cross-block
+// wait and no last-block ticket; the multi-block protocol's handshakes cost
+// more than the counting there.
+__global__ void __launch_bounds__(kOneBlockThreads)
+    LayoutOneBlockKernel(const int32_t* __restrict__ topk_idx, int64_t num_tokens, int num_topk,
+                         int num_experts, int num_ranks, int32_t* __restrict__ tokens_per_rank,
+                         int32_t* __restrict__ tokens_per_expert, bool* __restrict__ in_rank) {
+  extern __shared__ int s_hist[];  // [num_experts] then [num_ranks]
+  for (int j = threadIdx.x; j < num_experts + num_ranks; j += blockDim.x) s_hist[j] = 0;
+  __syncthreads();
+  CountSlots(topk_idx, num_tokens, num_topk, num_experts, num_ranks, s_hist,
+             s_hist + num_experts, in_rank, threadIdx.x, blockDim.x);
+  __syncthreads();
+  for (int j = threadIdx.x; j < num_experts; j += blockDim.x) tokens_per_expert[j] = s_hist[j];
+  for (int j = threadIdx.x; j < num_ranks; j += blockDim.x) {
+    tokens_per_rank[j] = s_hist[num_experts + j];
+  }
+}
 
 __global__ void __launch_bounds__(kThreads)
     LayoutKernel(const int32_t* __restrict__ topk_idx, int64_t num_tokens, int num_topk,
@@ -57,29 +111,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int experts_per_rank = num_experts / num_ranks;
-
-  // Expert histogram over (token, k) slots.
-  const int64_t num_slots = num_tokens * num_topk;
-  for (int64_t s = tid; s < num_slots; s += stride) {
-    const int e = __ldg(topk_idx + s);
-    if (e >= 0 && e < num_experts) atomicAdd(use_smem ? s_expert + e : tokens_per_expert + e, 1);
-  }
-  // Token->rank mask and rank histogram over (token, rank) pairs.
-  const int64_t num_pairs = num_tokens * num_ranks;
-  for (int64_t p = tid; p < num_pairs; p += stride) {
-    const int64_t i = p / num_ranks;
-    const int d = static_cast<int>(p - i * num_ranks);
-    const int lo = d * experts_per_rank;
-    const int hi = lo + experts_per_rank;
-    bool hit = false;
-    for (int k = 0; k < num_topk; ++k) {
-      const int e = __ldg(topk_idx + i * num_topk + k);
-      hit |= (e >= lo && e < hi);
-    }
-    in_rank[p] = hit;
-    if (hit) atomicAdd(use_smem ? s_rank + d : tokens_per_rank + d, 1);
-  }
+  CountSlots(topk_idx, num_tokens, num_topk, num_experts, num_ranks,
+             use_smem ? s_expert : tokens_per_expert, use_smem ? s_rank : tokens_per_rank,
+             in_rank, tid, stride);
   if (use_smem) {
     __syncthreads();
     wait_zeroed();
@@ -105,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
 
 cudaError_t Preload() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, LayoutKernel);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, LayoutKernel);
+  return err != cudaSuccess ? err : cudaFuncGetAttributes(&attr, LayoutOneBlockKernel);
 }
 
 cudaError_t Launch(const Args& a, cudaStream_t stream) {
@@ -113,6 +148,13 @@ cudaError_t Launch(const Args& a, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(kMaxBlocks, (work + kThreads - 1) / kThreads);
   const int64_t smem = sizeof(int) * (static_cast<int64_t>(a.num_experts) + a.num_ranks);
   const bool use_smem = smem <= kMaxHistSmemBytes;
+  if (use_smem && work <= kOneBlockMaxWork) {
+    LayoutOneBlockKernel<<<1, kOneBlockThreads, static_cast<size_t>(smem), stream>>>(
+        a.topk_idx, a.num_tokens, a.num_topk, a.num_experts, a.num_ranks,
+        a.num_tokens_per_rank, a.num_tokens_per_expert, a.is_token_in_rank);
+    JAX_EP_LAUNCH_CHECK();
+    return cudaSuccess;
+  }
   LayoutKernel<<<static_cast<int>(blocks), kThreads, use_smem ? static_cast<size_t>(smem) : 0,
                  stream>>>(a.topk_idx, a.num_tokens, a.num_topk, a.num_experts, a.num_ranks,
                            a.num_tokens_per_rank, a.num_tokens_per_expert, a.is_token_in_rank,

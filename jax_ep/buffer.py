@@ -335,8 +335,11 @@ class Buffer:
       use_fp8: quantize each row on the sending side (``jax_ep.quantize_fp8``,
         ``H % 128 == 0``); ``recv_x`` is then ``(x_fp8, scales)``.
       return_recv_hook: return ``(state, recv_fn)`` instead: the exchange is
-        issued here (``state`` holds what is in flight) and ``recv_fn()``, called
-        later in the same traced function, returns the outputs.
+        issued here (``state`` holds what is in flight) and ``recv_fn(*after)``,
+        called later in the same traced function, returns the outputs. XLA
+        orders ops by data alone: to keep work between the two, make it take
+        ``state`` (``state, v = lax.optimization_barrier((state, v))``) and pass
+        its results as ``after`` (arrays the receive waits for, never read).
 
     Returns:
       ``(recv_x [E_local, R*T, H], recv_count [E_local] int32, handle)``: rows
@@ -367,8 +370,9 @@ class Buffer:
     rows = fp8.pack_rows(*fp8.quantize_fp8(x)) if use_fp8 else x
     state = impl.dispatch_send(rows, topk_idx, T, num_experts)
 
-    def recv_fn():
-      return impl.dispatch_recv(state, num_experts, split=H if use_fp8 else 0)
+    def recv_fn(*after):
+      return impl.dispatch_recv(_ordered_after(state, after), num_experts,
+                                split=H if use_fp8 else 0)
     return state, recv_fn
 
   def low_latency_combine(self, y: jax.Array, topk_idx: jax.Array,
@@ -384,7 +388,8 @@ class Buffer:
       topk_idx: ``[N, K]``, the ids given to the dispatch.
       topk_weights: ``[N, K]`` float; weights at invalid ids are ignored.
       handle: the dispatch's ``LowLatencyHandle``.
-      return_recv_hook: return ``(state, recv_fn)``; ``recv_fn()`` gives ``out``.
+      return_recv_hook: return ``(state, recv_fn)``; ``recv_fn(*after)`` gives
+        ``out`` (``after`` as in ``low_latency_dispatch``).
 
     Returns:
       ``out [N, H]`` in ``y``'s dtype; tokens with no valid expert get zeros.
@@ -416,7 +421,17 @@ class Buffer:
     if not return_recv_hook:
       return _ll_ops.low_latency_combine(impl, y, topk_idx, weights, handle)
     state = impl.combine_send(y, handle, weights)
-    return state, lambda: impl.combine_recv(state, tshape[0], y.dtype)
+    return state, lambda *after: impl.combine_recv(_ordered_after(state, after), tshape[0],
+                                                   y.dtype)
+
+
+def _ordered_after(state, after):
+  """``state`` as a split receive's operand, available only once the arrays
+  in ``after`` are (a barrier: no copy, no kernel), so XLA cannot move the
+  receive before the work the caller placed between send and receive."""
+  if not after:
+    return state
+  return jax.lax.optimization_barrier((state, after))[0]
 
 
 def check_no_dropped_tokens(handle: DispatchHandle) -> None:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
@@ -219,7 +220,7 @@ def test_recv_hook_split_form_gives_the_same_results_and_gradients():
         return buf.low_latency_combine(recv * 2, idx, w, h), recv, count
       state, recv_fn = buf.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
       overlapped = jnp.tanh(w).sum()  # work placed between send and receive
-      recv, count, h = recv_fn()
+      recv, count, h = recv_fn(overlapped)
       state2, out_fn = buf.low_latency_combine(recv * 2, idx, w, h, return_recv_hook=True)
       return out_fn() + 0 * overlapped.astype(x.dtype), recv, count
 
@@ -242,6 +243,46 @@ def test_recv_hook_split_form_gives_the_same_results_and_gradients():
     for a, b in zip(g_plain, g_split):
       np.testing.assert_allclose(np.asarray(a, F32), np.asarray(b, F32), rtol=1e-6, atol=1e-6)
     assert same_fp8
+
+
+def _consumers(jaxpr, primitive):
+  """Equations of ``primitive`` anywhere in ``jaxpr`` (sub-jaxprs included)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == primitive:
+      found.append(eqn)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _consumers(sub, primitive)
+  return found
+
+
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_recv_fn_after_holds_the_receive_until_the_work_is_done(op):
+  # XLA orders by data alone: recv_fn(*after) must make the receive's
+  # operands depend on `after` (here the one cos -> sum of the work).
+  R, N, T, H, K, E = 2, 3, 4, 128, 2, 4
+  mesh = ept.make_mesh(R)
+  buf = jax_ep.Buffer(mesh, "ep", backend="xla")
+
+  def f(x, idx, w):
+    x = x.astype(jnp.bfloat16)
+    work = jnp.cos(w).sum()
+    if op == "dispatch":
+      _, recv_fn = buf.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
+      return recv_fn(work)[1]
+    recv, _, h = buf.low_latency_dispatch(x, idx, T, E)
+    _, out_fn = buf.low_latency_combine(recv, idx, w, h, return_recv_hook=True)
+    return out_fn(work)
+
+  rng = np.random.default_rng(5)
+  xs, idxs, ws = _case(rng, R, N, H, K, E, jnp.bfloat16)
+  args = ept.stack_per_rank(mesh, xs, idxs, ws)
+  jaxpr = jax.make_jaxpr(ept.per_rank_fn(f, mesh))(*args).jaxpr
+  (cos,) = _consumers(jaxpr, "cos")
+  (total,) = [e for e in _consumers(jaxpr, "reduce_sum") if e.invars[0] in cos.outvars]
+  barriers = [e for e in _consumers(jaxpr, "optimization_barrier")
+              if total.outvars[0] in e.invars]
+  assert barriers, "no barrier makes the receive wait for the work"
 
 
 def test_low_latency_trace_time_errors():

@@ -113,6 +113,15 @@ def test_stale_row_bytes_never_pass_for_flags(model, num_ranks):
   assert ranks_checked(res) == list(range(num_ranks))
 
 
+@pytest.mark.parametrize("model,num_ranks", [("emulated", 1), ("emulated", 2), ("one", 2)])
+def test_layout_every_path_matches_reference(model, num_ranks):
+  # One block for small batches, many blocks with shared- or global-memory
+  # histograms for large ones (ffi/layout.cu), each called twice.
+  res = run("jax_ep.testing:check_layouts", model, num_ranks)
+  assert ranks_checked(res) == list(range(num_ranks))
+  assert all(r["checked"] == 8 * len(r["ranks"]) for r in res)
+
+
 @pytest.mark.parametrize("model,num_ranks", [("one", 2), ("per-gpu", 4)])
 def test_two_axes_contract(model, num_ranks):
   # Issue 13: (node 2, local 1) in one process (node hop on NCCL, local hop on
