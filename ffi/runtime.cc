@@ -306,15 +306,7 @@ bool GetSideStream(int64_t buffer_id, int device_ordinal, SideStream* out, std::
     (void)cudaGetDevice(&saved);
     cudaError_t err = cudaSetDevice(device_ordinal);
     SideStream made;
-    // The highest priority: the block scheduler then gives the send's blocks
-    // the first SMs that free up, instead of queueing them behind the work's
-    // kernels (at equal priority the split send on two H100s ran after four
-    // matmuls that fill every SM, and nothing overlapped).
-    int least = 0, greatest = 0;
-    if (err == cudaSuccess) err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
-    if (err == cudaSuccess) {
-      err = cudaStreamCreateWithPriority(&made.stream, cudaStreamNonBlocking, greatest);
-    }
+    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&made.stream, cudaStreamNonBlocking);
     if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.fork, cudaEventDisableTiming);
     if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.done, cudaEventDisableTiming);
     if (saved >= 0) (void)cudaSetDevice(saved);
