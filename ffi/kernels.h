@@ -204,20 +204,11 @@ struct CombineRecvArgs {
   int64_t timeout_ns;
 };
 
-// The split form: a send, then (after other work) a receive. The send takes
-// its sequence number on XLA's stream (a one-thread kernel: its receive is
-// marked pending there, in XLA's order), then runs on the Buffer's side
-// stream with `grid` blocks beside XLA's next kernels; the receive makes
-// XLA's stream wait for it (`done`).
-struct SideLaunch {
-  cudaStream_t stream;
-  cudaEvent_t fork, done;
-  int grid;
-};
-cudaError_t DispatchSend(const DispatchSendArgs& a, const SideLaunch& side, cudaStream_t stream);
-cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaEvent_t sent, cudaStream_t stream);
-cudaError_t CombineSend(const CombineSendArgs& a, const SideLaunch& side, cudaStream_t stream);
-cudaError_t CombineRecv(const CombineRecvArgs& a, cudaEvent_t sent, cudaStream_t stream);
+// The split form: a send kernel, then (after other work) a receive kernel.
+cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream);
+cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream);
+cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream);
+cudaError_t CombineRecv(const CombineRecvArgs& a, cudaStream_t stream);
 // The plain ops: both in one kernel (r's ticket is unused; s's is written).
 cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaStream_t stream);
 cudaError_t Combine(const CombineSendArgs& s, const CombineRecvArgs& r, cudaStream_t stream);

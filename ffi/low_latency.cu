@@ -185,35 +185,17 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   trace.Mark("send");
 }
 
-// The split form's reservation, on XLA's stream before the send goes to the
-// side stream: the op's sequence number is taken and its receive marked
-// pending in XLA's order, so an op XLA launches between send and receive
-// finds the mark and stops (as CheckedEntry makes every op do), and no two
-// ops can take one sequence number; the ticket is written before anything
-// reads it. 32 threads: CheckedEntry's abort hellos take one per rank.
-__global__ void ReserveKernel(const GroupView g, const int32_t* rank, uint32_t* ticket, int op) {
-  const Entry e = CheckedEntry(g, rank, op);
-  if (threadIdx.x == 0) {
-    const uint32_t seq = e.last_seq + 1;
-    volatile uint32_t* header = At<volatile uint32_t>(e.own, 0);
-    header[kPendingReceiveOffset / 4] = seq;
-    header[kPendingReceiveOffset / 4 + 1] = static_cast<uint32_t>(op);
-    header[kSeqOffset / 4] = seq;
-    *ticket = seq;
-  }
-}
-
-// The split form's send, on the side stream: the reservation before it holds
-// its sequence number (the ticket) and the pending mark, which its receive
-// clears.
+// The split form's send: marks its receive pending.
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchSendKernel(const DispatchSendArgs a, const uint32_t shape_hash) {
   const int op = kOpLowLatencyDispatch;
   PhaseTrace trace;
-  const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
-  const uint32_t seq = CheckedReceive(a.group, entry, op);
+  const Entry entry = CheckedEntry(a.group, a.rank, op);
   trace.Mark("entry");
+  const uint32_t seq = entry.last_seq + 1;
   DispatchSendPhase(a, entry.rank, entry.own, seq, shape_hash, trace);
+  const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
+  FinishOp(entry.own, seq, pending);
   trace.Mark("finish");
   trace.Print("ll dispatch send", entry.rank, seq);
 }
@@ -548,16 +530,17 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
   trace.Mark("flagged");
 }
 
-// The split form's send, on the side stream (see DispatchSendKernel).
 template <typename Elt>
 __global__ void __launch_bounds__(kThreads, 1)
     CombineSendKernel(const CombineSendArgs a, const uint32_t shape_hash) {
   const int op = kOpLowLatencyCombine;
   PhaseTrace trace;
-  const Entry entry = LoadEntry(a.group, a.rank, op, a.ticket);
-  const uint32_t seq = CheckedReceive(a.group, entry, op);
+  const Entry entry = CheckedEntry(a.group, a.rank, op);
   trace.Mark("entry");
+  const uint32_t seq = entry.last_seq + 1;
   CombineSendPhase<Elt>(a, entry.rank, entry.own, seq, shape_hash, trace);
+  const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
+  FinishOp(entry.own, seq, pending);
   trace.Mark("finish");
   trace.Print("ll combine send", entry.rank, seq);
 }
@@ -692,25 +675,10 @@ cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
                                                                  : cudaSuccess;
 }
 
-// The side stream's grid: the Buffer's num_sms, at most one block per SM of
-// this rank's share, so XLA's kernels keep the other SMs.
-static int SideGrid(const GroupView& g, int grid) { return std::max(1, std::min(grid, Grid(g))); }
-
-// Reservation on XLA's stream, then the fork to the side stream.
-static cudaError_t Fork(const GroupView& g, const int32_t* rank, uint32_t* ticket, int op,
-                 const SideLaunch& side, cudaStream_t stream) {
-  ReserveKernel<<<1, 32, 0, stream>>>(g, rank, ticket, op);
+cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream) {
+  DispatchSendKernel<<<Grid(a.group), kThreads, 0, stream>>>(a, DispatchHash(a));
   JAX_EP_LAUNCH_CHECK();
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaEventRecord(side.fork, stream));
-  return cudaStreamWaitEvent(side.stream, side.fork, 0);
-}
-
-cudaError_t DispatchSend(const DispatchSendArgs& a, const SideLaunch& side, cudaStream_t stream) {
-  JAX_EP_CUDA_RETURN_IF_ERROR(Fork(a.group, a.rank, a.ticket, kOpLowLatencyDispatch, side, stream));
-  DispatchSendKernel<<<SideGrid(a.group, side.grid), kThreads, 0, side.stream>>>(
-      a, DispatchHash(a));
-  JAX_EP_LAUNCH_CHECK();
-  return cudaEventRecord(side.done, side.stream);
+  return cudaSuccess;
 }
 
 cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaStream_t stream) {
@@ -725,8 +693,7 @@ cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaS
   return cudaSuccess;
 }
 
-cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaEvent_t sent, cudaStream_t stream) {
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, sent, 0));
+cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
   if (a.src_slot_in != nullptr) {
     DispatchRecvKernel<true><<<Grid(a.group), kThreads, 0, stream>>>(a);
   } else {
@@ -738,18 +705,16 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaEvent_t sent, cudaStream
   return cudaSuccess;
 }
 
-cudaError_t CombineSend(const CombineSendArgs& a, const SideLaunch& side, cudaStream_t stream) {
+cudaError_t CombineSend(const CombineSendArgs& a, cudaStream_t stream) {
   size_t smem = 0;
   JAX_EP_CUDA_RETURN_IF_ERROR(CombineSmem(a, &smem));
-  JAX_EP_CUDA_RETURN_IF_ERROR(Fork(a.group, a.rank, a.ticket, kOpLowLatencyCombine, side, stream));
-  const int grid = SideGrid(a.group, side.grid);
   if (a.row_type == RowType::kBF16) {
-    CombineSendKernel<__nv_bfloat16><<<grid, kThreads, smem, side.stream>>>(a, CombineHash(a));
+    CombineSendKernel<__nv_bfloat16><<<Grid(a.group), kThreads, smem, stream>>>(a, CombineHash(a));
   } else {
-    CombineSendKernel<float><<<grid, kThreads, smem, side.stream>>>(a, CombineHash(a));
+    CombineSendKernel<float><<<Grid(a.group), kThreads, smem, stream>>>(a, CombineHash(a));
   }
   JAX_EP_LAUNCH_CHECK();
-  return cudaEventRecord(side.done, side.stream);
+  return cudaSuccess;
 }
 
 cudaError_t Combine(const CombineSendArgs& s, const CombineRecvArgs& r, cudaStream_t stream) {
@@ -764,8 +729,7 @@ cudaError_t Combine(const CombineSendArgs& s, const CombineRecvArgs& r, cudaStre
   return cudaSuccess;
 }
 
-cudaError_t CombineRecv(const CombineRecvArgs& a, cudaEvent_t sent, cudaStream_t stream) {
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream, sent, 0));
+cudaError_t CombineRecv(const CombineRecvArgs& a, cudaStream_t stream) {
   if (a.row_type == RowType::kBF16) {
     CombineRecvKernel<__nv_bfloat16><<<Grid(a.group), kThreads, 0, stream>>>(a);
   } else {

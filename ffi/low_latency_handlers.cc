@@ -1,15 +1,10 @@
 // XLA FFI handlers of the low-latency ops (low_latency.cu): decode, check,
 // launch, like handlers.cc. A plain op is one custom call and one kernel
-// (both phases); stateless between calls, hence command-buffer compatible.
-// The split form (return_recv_hook) is two custom calls: the send's ticket
-// (its sequence number) is the receive's operand, so XLA keeps the pair in
-// order and may place other work in between, which runs beside the send:
-// the send kernel goes to the Buffer's side stream (runtime.h SideStream) and
-// the receive joins it. The send's operands come back as the receive's
-// (`keep`, never read), so XLA keeps their buffers while the side stream
-// reads them. A fork joined in another custom call cannot be captured, so the
-// split handlers are not command-buffer compatible.
-#include <algorithm>
+// (both phases). The split form
+// (return_recv_hook) is two custom calls: the send's ticket (its sequence
+// number, written by the kernel) is the receive's operand, so XLA keeps the
+// pair in order and may place other work in between. Stateless between
+// calls, hence command-buffer compatible.
 #include <cstdint>
 #include <string>
 
@@ -26,7 +21,6 @@ struct LowLatencyAttrs {
   int64_t num_max_tokens;  // T
   int64_t num_topk;
   int64_t timeout_ns;
-  int64_t num_sms;   // the split send's grid on the side stream
   bool has_weights;  // else the weights operand is [0, K]
 };
 
@@ -39,7 +33,6 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LowLatencyAttrs,
                                       ::xla::ffi::StructMember<int64_t>("num_max_tokens"),
                                       ::xla::ffi::StructMember<int64_t>("num_topk"),
                                       ::xla::ffi::StructMember<int64_t>("timeout_ns"),
-                                      ::xla::ffi::StructMember<int64_t>("num_sms"),
                                       ::xla::ffi::StructMember<bool>("has_weights"));
 
 namespace jax_ep {
@@ -266,19 +259,6 @@ ffi::Error Launched(const char* op, cudaError_t err) {
   return err == cudaSuccess ? ffi::Error::Success() : CudaError(op, "launch", err);
 }
 
-// The Buffer's side stream on this device, with the send's grid.
-ffi::Error Side(const char* op, int32_t device, const LowLatencyAttrs& at,
-                low_latency::SideLaunch* out) {
-  SideStream side;
-  std::string error;
-  if (!GetSideStream(at.buffer_id, device, &side, &error)) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string(op) + ": " + error);
-  }
-  *out = {side.stream, side.fork, side.done,
-          static_cast<int>(std::max<int64_t>(1, at.num_sms))};
-  return ffi::Error::Success();
-}
-
 // The split form's entry points (return_recv_hook): the send's ticket is an
 // output, the receive's operand. `after`: any array the send must follow
 // (ordering only, never read).
@@ -288,26 +268,21 @@ ffi::Error SplitDispatchSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer
   (void)after;
   const char* op = "jax_ep_ll_dispatch_send";
   low_latency::DispatchSendArgs a{};
-  low_latency::SideLaunch side{};
   JAX_EP_RETURN_IF_FFI_ERROR(
       MakeDispatchSend(op, device, x, topk_idx, &weights, rank, *ticket, at, &a));
-  JAX_EP_RETURN_IF_FFI_ERROR(Side(op, device, at, &side));
-  return Launched(op, low_latency::DispatchSend(a, side, stream));
+  return Launched(op, low_latency::DispatchSend(a, stream));
 }
 
 ffi::Error SplitDispatchRecv(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
-                             ffi::RemainingArgs keep, ffi::Result<ffi::AnyBuffer> recv_x,
+                             ffi::Result<ffi::AnyBuffer> recv_x,
                              ffi::Result<ffi::AnyBuffer> recv_tail,
                              ffi::Result<I32x1> recv_count, ffi::Result<I32x2> src_slot,
                              ffi::Result<I32x2> recv_slot, LowLatencyAttrs at) {
-  (void)keep;
   const char* op = "jax_ep_ll_dispatch_recv";
   low_latency::DispatchRecvArgs a{};
-  low_latency::SideLaunch side{};
   JAX_EP_RETURN_IF_FFI_ERROR(MakeDispatchRecv(op, stream, device, ticket, rank, recv_x, recv_tail,
                                               recv_count, src_slot, recv_slot, at, &a));
-  JAX_EP_RETURN_IF_FFI_ERROR(Side(op, device, at, &side));
-  return Launched(op, low_latency::DispatchRecv(a, side.done, stream));
+  return Launched(op, low_latency::DispatchRecv(a, stream));
 }
 
 ffi::Error SplitCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, F32x2 weights,
@@ -315,23 +290,17 @@ ffi::Error SplitCombineSend(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             LowLatencyAttrs at) {
   const char* op = "jax_ep_ll_combine_send";
   low_latency::CombineSendArgs a{};
-  low_latency::SideLaunch side{};
   JAX_EP_RETURN_IF_FFI_ERROR(
       MakeCombineSend(op, device, y, weights, recv_slot, rank, *ticket, at, &a));
-  JAX_EP_RETURN_IF_FFI_ERROR(Side(op, device, at, &side));
-  return Launched(op, low_latency::CombineSend(a, side, stream));
+  return Launched(op, low_latency::CombineSend(a, stream));
 }
 
 ffi::Error SplitCombineRecv(cudaStream_t stream, int32_t device, U32x0 ticket, I32x0 rank,
-                            ffi::RemainingArgs keep, ffi::Result<ffi::AnyBuffer> out,
-                            LowLatencyAttrs at) {
-  (void)keep;
+                            ffi::Result<ffi::AnyBuffer> out, LowLatencyAttrs at) {
   const char* op = "jax_ep_ll_combine_recv";
   low_latency::CombineRecvArgs a{};
-  low_latency::SideLaunch side{};
   JAX_EP_RETURN_IF_FFI_ERROR(MakeCombineRecv(op, stream, device, ticket, rank, out, at, &a));
-  JAX_EP_RETURN_IF_FFI_ERROR(Side(op, device, at, &side));
-  return Launched(op, low_latency::CombineRecv(a, side.done, stream));
+  return Launched(op, low_latency::CombineRecv(a, stream));
 }
 
 // The plain ops: one custom call and one kernel for send and receive, so that
@@ -396,7 +365,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()  // after (ordering only)
         .Arg<jax_ep::I32x0>()   // rank
         .Ret<jax_ep::U32x0>()   // ticket
-        .Attrs<jax_ep::LowLatencyAttrs>());
+        .Attrs<jax_ep::LowLatencyAttrs>(),
+    {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyDispatchRecv, jax_ep::SplitDispatchRecv,
@@ -405,13 +375,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::DeviceOrdinal>()
         .Arg<jax_ep::U32x0>()   // ticket
         .Arg<jax_ep::I32x0>()   // rank
-        .RemainingArgs()        // keep: the send's operands (never read)
         .Ret<ffi::AnyBuffer>()  // recv_x
         .Ret<ffi::AnyBuffer>()  // recv_tail (FP8 scales), or [0, 0]
         .Ret<jax_ep::I32x1>()   // recv_count
         .Ret<jax_ep::I32x2>()   // src_slot
         .Ret<jax_ep::I32x2>()   // recv_slot
-        .Attrs<jax_ep::LowLatencyAttrs>());
+        .Attrs<jax_ep::LowLatencyAttrs>(),
+    {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyCombineSend, jax_ep::SplitCombineSend,
@@ -423,7 +393,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<jax_ep::I32x2>()   // recv_slot (the handle's)
         .Arg<jax_ep::I32x0>()   // rank
         .Ret<jax_ep::U32x0>()   // ticket
-        .Attrs<jax_ep::LowLatencyAttrs>());
+        .Attrs<jax_ep::LowLatencyAttrs>(),
+    {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyCombineRecv, jax_ep::SplitCombineRecv,
@@ -432,9 +403,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::DeviceOrdinal>()
         .Arg<jax_ep::U32x0>()   // ticket
         .Arg<jax_ep::I32x0>()   // rank
-        .RemainingArgs()        // keep: the send's operands (never read)
         .Ret<ffi::AnyBuffer>()  // out
-        .Attrs<jax_ep::LowLatencyAttrs>());
+        .Attrs<jax_ep::LowLatencyAttrs>(),
+    {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxEpLowLatencyDispatch, jax_ep::FusedDispatch,

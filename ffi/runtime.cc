@@ -47,7 +47,6 @@ struct Registered {
   int device = -1;
   int alive_slot = -1;
   std::vector<void*> ipc_opened;  // closed when the last holder lets go
-  SideStream side;                // made by GetSideStream, destroyed with the entry
   ~Registered();
 };
 
@@ -71,19 +70,7 @@ void CloseMappings(int device, const std::vector<void*>& opened) {
   if (saved >= 0) (void)cudaSetDevice(saved);
 }
 
-Registered::~Registered() {
-  if (side.stream != nullptr) {
-    int saved = -1;
-    (void)cudaGetDevice(&saved);
-    (void)cudaSetDevice(device);
-    (void)cudaStreamSynchronize(side.stream);
-    (void)cudaEventDestroy(side.fork);
-    (void)cudaEventDestroy(side.done);
-    (void)cudaStreamDestroy(side.stream);
-    if (saved >= 0) (void)cudaSetDevice(saved);
-  }
-  CloseMappings(device, ipc_opened);
-}
+Registered::~Registered() { CloseMappings(device, ipc_opened); }
 
 // Liveness words: one never-freed table per device; a live group's slot holds
 // its buffer id, a dead one's 0. Kernels check it on entry, so a launch
@@ -290,35 +277,6 @@ bool LookupGroup(int64_t buffer_id, int device_ordinal, GroupEntry* out) {
   auto it = Registry().find({buffer_id, device_ordinal});
   if (it == Registry().end()) return false;
   *out = it->second->entry;
-  return true;
-}
-
-bool GetSideStream(int64_t buffer_id, int device_ordinal, SideStream* out, std::string* error) {
-  std::lock_guard<std::mutex> lock(RegistryMutex());
-  auto it = Registry().find({buffer_id, device_ordinal});
-  if (it == Registry().end()) {
-    *error = "the Buffer is not registered on this device";
-    return false;
-  }
-  SideStream& side = it->second->side;
-  if (side.stream == nullptr) {
-    int saved = -1;
-    (void)cudaGetDevice(&saved);
-    cudaError_t err = cudaSetDevice(device_ordinal);
-    SideStream made;
-    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&made.stream, cudaStreamNonBlocking);
-    if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.fork, cudaEventDisableTiming);
-    if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.done, cudaEventDisableTiming);
-    if (saved >= 0) (void)cudaSetDevice(saved);
-    if (err != cudaSuccess) {
-      if (made.fork != nullptr) (void)cudaEventDestroy(made.fork);
-      if (made.stream != nullptr) (void)cudaStreamDestroy(made.stream);
-      *error = std::string("side stream: ") + cudaGetErrorString(err);
-      return false;
-    }
-    side = made;
-  }
-  *out = side;
   return true;
 }
 

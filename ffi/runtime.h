@@ -93,18 +93,6 @@ void UnregisterGroup(int64_t buffer_id, int device_ordinal);
 // Copies the entry out; false when the key is unknown (or unregistered).
 bool LookupGroup(int64_t buffer_id, int device_ordinal, GroupEntry* out);
 
-// The split low-latency send's side stream on (buffer_id, device) and its two
-// events (fork: XLA's stream reached the send; done: the send kernel ended),
-// made on first use and released with the group, so that the send runs beside
-// the work XLA places before its receive. False, with `error` set, for an
-// unknown key or a CUDA failure.
-struct SideStream {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t fork = nullptr;
-  cudaEvent_t done = nullptr;
-};
-bool GetSideStream(int64_t buffer_id, int device_ordinal, SideStream* out, std::string* error);
-
 // Copy-engine bandwidth between two devices of this process, both directions
 // at once, in GB/s each way (slowest direction), over `num_bytes` per
 // direction: the benchmark's "p2p" reference.

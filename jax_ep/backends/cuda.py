@@ -374,9 +374,6 @@ class CudaLowLatencyState:
   the receive's operand) and the static facts the receive needs."""
 
   ticket: jax.Array   # [] uint32
-  keep: tuple         # the send's operands: its kernel reads them on the side
-  #                     stream until the receive, which takes them (never read)
-  #                     so that XLA keeps their buffers
   num_max_tokens: int
   num_topk: int
   num_experts: int
@@ -386,7 +383,7 @@ class CudaLowLatencyState:
 
 
 jax.tree_util.register_dataclass(
-    CudaLowLatencyState, data_fields=["ticket", "keep"],
+    CudaLowLatencyState, data_fields=["ticket"],
     meta_fields=["num_max_tokens", "num_topk", "num_experts", "row_dtype", "row_width",
                  "byte_width"])
 
@@ -418,7 +415,7 @@ class CudaLowLatency:
     return dict(buffer_id=np.int64(b.buffer_id), num_ranks=np.int64(self.num_ranks),
                 num_experts=np.int64(num_experts), num_max_tokens=np.int64(num_max_tokens),
                 num_topk=np.int64(num_topk), timeout_ns=np.int64(b.timeout_ns),
-                num_sms=np.int64(b.num_sms), has_weights=np.bool_(has_weights))
+                has_weights=np.bool_(has_weights))
 
   def _check_bytes(self, op, num_max_tokens, num_topk, data_row_bytes):
     if num_topk > self._b._c.MAX_TOPK:
@@ -503,9 +500,8 @@ class CudaLowLatency:
         "jax_ep_ll_dispatch_send", (jax.ShapeDtypeStruct((), jnp.uint32),), view, topk_idx,
         _or_empty(None, K), jnp.zeros((), jnp.int32), self._b._rank(),
         **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
-    return CudaLowLatencyState(ticket, (view, topk_idx), num_max_tokens, K, num_experts,
-                               view.dtype.name, view.shape[1],
-                               rows.shape[1] if rows.dtype == jnp.uint8 else 0)
+    return CudaLowLatencyState(ticket, num_max_tokens, K, num_experts, view.dtype.name,
+                               view.shape[1], rows.shape[1] if rows.dtype == jnp.uint8 else 0)
 
   def dispatch_recv(self, state: CudaLowLatencyState, num_experts, split=0):
     T, K, nbytes = state.num_max_tokens, state.num_topk, state.byte_width
@@ -514,7 +510,7 @@ class CudaLowLatency:
                else (lambda received: received))
     outs = self._b._call(
         "jax_ep_ll_dispatch_recv", self._recv_shapes(num_experts, T, K, view, split),
-        state.ticket, self._b._rank(), *state.keep,
+        state.ticket, self._b._rank(),
         **self._attrs(num_experts=num_experts, num_max_tokens=T, num_topk=K))
     return self._received(*outs, restore, split)
 
@@ -554,20 +550,18 @@ class CudaLowLatency:
     El, rows, H = y.shape
     R, K = self.num_ranks, handle.recv_slot.shape[1]
     self._check_combine(y, rows // R, K)
-    operands = (y.reshape(El * rows, H), _or_empty(weights, K), handle.recv_slot)
     (ticket,) = self._b._call(
-        "jax_ep_ll_combine_send", (jax.ShapeDtypeStruct((), jnp.uint32),), *operands,
-        self._b._rank(),
+        "jax_ep_ll_combine_send", (jax.ShapeDtypeStruct((), jnp.uint32),),
+        y.reshape(El * rows, H), _or_empty(weights, K), handle.recv_slot, self._b._rank(),
         **self._attrs(num_experts=El * R, num_max_tokens=rows // R, num_topk=K,
                       has_weights=weights is not None))
-    return CudaLowLatencyState(ticket, operands, rows // R, K, El * R, jnp.dtype(y.dtype).name,
-                               H, 0)
+    return CudaLowLatencyState(ticket, rows // R, K, El * R, jnp.dtype(y.dtype).name, H, 0)
 
   def combine_recv(self, state: CudaLowLatencyState, num_tokens, dtype):
     T, K, H = state.num_max_tokens, state.num_topk, state.row_width
     (out,) = self._b._call(
         "jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((num_tokens, H), state.row_dtype),),
-        state.ticket, self._b._rank(), *state.keep,
+        state.ticket, self._b._rank(),
         **self._attrs(num_experts=state.num_experts, num_max_tokens=T, num_topk=K))
     return out.astype(dtype)
 
