@@ -15,9 +15,10 @@ differencing (the program with --iters calls, less the program with none):
 
 ``overlap = (comm + work - split) / min(comm, work)``: 0 when the work just
 runs between the halves, 1 when the shorter one is hidden entirely. Prints one
-line per backend. Issue 10 asks for this profile; on the cuda backend the
-send kernel runs on the Buffer's side stream with num_sms blocks, beside the
-work.
+line per backend. Issue 10 asks for this profile. On the cuda backend both
+kernels run on XLA's compute stream (a side-stream send was tried on two
+H100s: benchmarks/RESULTS.md), so expect little there; ``--work-matmuls 0``
+gives the split form's own cost against the plain op.
 """
 import argparse
 import statistics
