@@ -337,9 +337,8 @@ class Buffer:
       return_recv_hook: return ``(state, recv_fn)`` instead: the exchange is
         issued here (``state`` holds what is in flight) and ``recv_fn(*after)``,
         called later in the same traced function, returns the outputs. XLA
-        orders ops by data alone: to keep work between the two, make it take
-        ``state`` (``state, v = lax.optimization_barrier((state, v))``) and pass
-        its results as ``after`` (arrays the receive waits for, never read).
+        orders ops by data alone: pass the results of the work placed between
+        the two as ``after`` (arrays the receive waits for, never read).
 
     Returns:
       ``(recv_x [E_local, R*T, H], recv_count [E_local] int32, handle)``: rows

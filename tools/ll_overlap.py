@@ -9,9 +9,9 @@ differencing (the program with --iters calls, less the program with none):
 - ``work``: independent work alone (a chain of [N, H] x [H, H] matmuls, the
   stand-in for a shared expert or the next micro-batch's attention);
 - ``split``: the send, the work, then ``recv_fn(done)`` (return_recv_hook),
-  ordered by data as the README says (the work takes ``state`` through a
-  barrier, the receive waits for the work's result); the order XLA
-  scheduled is printed.
+  ordered by data as the README says (the receive waits for the work's
+  result); the order XLA scheduled is printed (where XLA puts the send is
+  its choice).
 
 ``overlap = (comm + work - split) / min(comm, work)``: 0 when the work just
 runs between the halves, 1 when the shorter one is hidden entirely. Prints one
@@ -82,10 +82,9 @@ def main(argv=None):
           elif kind == "work":
             out = (work(v),)
           else:  # split: the work runs between send and receive
-            state, recv_fn = buf.low_latency_dispatch(v, i, N, E, return_recv_hook=True)
-            state, v = keep((state, v))  # XLA orders by data: the work after the send
+            _, recv_fn = buf.low_latency_dispatch(v, i, N, E, return_recv_hook=True)
             done = work(v)
-            out = (recv_fn(done)[0], done)  # and the receive after the work
+            out = (recv_fn(done)[0], done)  # XLA orders by data: the receive after the work
           acc = acc + sum(o.reshape(-1)[0].astype(jnp.float32) for o in keep(out))
         return acc[None]
       specs = (P("ep"), P()) + (P("ep"),) * args.iters
