@@ -437,7 +437,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     DispatchKernel(const DispatchArgs a, const Plan p, const uint32_t shape_hash) {
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
+  // Traced roles (JAX_EP_PHASE_TRACE): warp 0 (P1 in block 0, P2, then a push
+  // warp) and a drain warp.
+  PhaseTrace push_trace(0), drain_trace(kFirstDrainWarp * 32);
   const Entry entry = CheckedEntry(g, a.rank, kOpDispatch);
+  push_trace.Mark("entry");
+  drain_trace.Mark("entry");
   const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int t = threadIdx.x, lane = LaneId(), warp = WarpId();
@@ -482,6 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (b == 0) ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);  // before P1's hellos
   __syncthreads();
+  push_trace.Mark("counted");
   if (t == 0) {
     for (int d = 0; d <= kMaxRanks; ++d) block_counts[b * (kMaxRanks + 1) + d] = s_count[d];
     StoreReleaseGpuU32(block_flags + b, seq);
@@ -531,12 +537,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       __threadfence_system();
       StoreReleaseSysU64(At<uint64_t>(dst, kHelloOffset) + par * kMaxRanks + me, hello);
     }
+    push_trace.Mark("counts sent");
   }
 
   // P2.
   if (warp == 0) {
     if (lane < R) WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
     __syncwarp();
+    push_trace.Mark("hellos");
     const int* counts = At<int>(own, kCountsOffset) + par * kMaxRanks * kMaxRanks;  // [src][dst]
     if (lane < R) {
       int64_t off = 0, pre = 0, lo = 0;
@@ -612,6 +620,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     PushPipeline(t0 + warp, t1, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
                  ring_flags, p, row_bytes, seq, lane);
+    push_trace.Mark("pushed");
   } else if (warp < kFirstDrainWarp) {
     const int w = warp - kFirstLocalWarp;
     auto next = [&](int64_t i) {
@@ -639,8 +648,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     CopyRows<false>(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes, lane);
   } else {
     const int w = warp - kFirstDrainWarp;
+    drain_trace.Mark("P2 done");
     ZeroPadding(valid, M, row_bytes, K, recv_x, a.recv_topk_idx, a.recv_topk_weights,
                 a.recv_src_idx, a.recv_src_rank, lane);
+    drain_trace.Mark("zeroed");
     int64_t lo[kMaxRanks], hi[kMaxRanks];
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
@@ -694,6 +705,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
                    lane);
+    drain_trace.Mark("drained");
   }
   __syncthreads();
   if (hist != nullptr) {
@@ -702,6 +714,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   FinishOp(own, seq);
+  push_trace.Mark("finish");
+  drain_trace.Mark("finish");
+  push_trace.Print("dispatch warp 0", me, seq);
+  drain_trace.Print("dispatch drain warp", me, seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -712,7 +728,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     CachedDispatchKernel(const CachedDispatchArgs a, const Plan p, const uint32_t shape_hash) {
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
+  PhaseTrace push_trace(0), drain_trace(kFirstDrainWarp * 32);  // JAX_EP_PHASE_TRACE
   const Entry entry = CheckedEntry(g, a.rank, kOpCachedDispatch);
+  push_trace.Mark("entry");
+  drain_trace.Mark("entry");
   const int me = g.rank;  // == the rank operand (CheckedEntry): a kernel parameter
   const int R = g.num_ranks, G = gridDim.x, b = blockIdx.x;
   const int lane = LaneId(), warp = WarpId();
@@ -740,6 +759,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       WaitHello(g, own, par, lane, hello, kOpCachedDispatch, me, seq, a.timeout_ns);
     }
     __syncwarp();
+    push_trace.Mark("hellos");
     Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
     FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
     auto next = [&](int64_t i) {
@@ -766,6 +786,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     PushPipeline(t0 + warp, t1, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
                  ring_flags, p, row_bytes, seq, lane);
+    push_trace.Mark("pushed");
   } else if (warp < kFirstDrainWarp) {
     const int w = warp - kFirstLocalWarp;
     auto next = [&](int64_t i) {
@@ -828,8 +849,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
                    lane);
+    drain_trace.Mark("drained");
   }
   FinishOp(own, seq);
+  push_trace.Mark("finish");
+  drain_trace.Mark("finish");
+  push_trace.Print("cached dispatch push warp", me, seq);
+  drain_trace.Print("cached dispatch drain warp", me, seq);
 }
 
 // Three or more copies (R >= 3): the tree over the ranks, kTreeUnroll loads

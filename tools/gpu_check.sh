@@ -21,7 +21,8 @@
 #   experts    the grouped-matmul tests and the MoE block on the Mosaic kernels
 #              (Hopper), on every local GPU in one process
 #   trace      rebuild with kernel phase timestamps (JAX_EP_PHASE_TRACE), run the
-#              small shape (normal combine, low-latency ops) on cuda, keep the
+#              small shape (normal dispatch, cached dispatch and combine;
+#              low-latency ops) on cuda, keep the
 #              trace lines in $OUT/trace_*.log, then rebuild without them
 #              (TRACE_SHAPES=small,deepep traces the normal mode at both shapes)
 #   random     1008 random routings on the cuda backend against the NumPy
