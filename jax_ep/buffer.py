@@ -370,7 +370,7 @@ class Buffer:
     state = impl.dispatch_send(rows, topk_idx, T, num_experts)
 
     def recv_fn(*after):
-      return impl.dispatch_recv(_ordered_after(state, after), num_experts,
+      return impl.dispatch_recv(_ordered_after(state, after, op), num_experts,
                                 split=H if use_fp8 else 0)
     return state, recv_fn
 
@@ -420,16 +420,22 @@ class Buffer:
     if not return_recv_hook:
       return _ll_ops.low_latency_combine(impl, y, topk_idx, weights, handle)
     state = impl.combine_send(y, handle, weights)
-    return state, lambda *after: impl.combine_recv(_ordered_after(state, after), tshape[0],
-                                                   y.dtype)
+    return state, lambda *after: impl.combine_recv(_ordered_after(state, after, op),
+                                                   tshape[0], y.dtype)
 
 
-def _ordered_after(state, after):
+def _ordered_after(state, after, op):
   """``state`` as a split receive's operand, available only once the arrays
   in ``after`` are (a barrier: no copy, no kernel), so XLA cannot move the
   receive before the work the caller placed between send and receive."""
   if not after:
     return state
+  leaves = jax.tree_util.tree_leaves(after)
+  bad = [type(a).__name__ for a in leaves if not isinstance(a, jax.Array)]
+  if bad or not leaves:
+    raise TypeError(f"jax_ep.{op}: recv_fn(*after) takes the arrays the receive must "
+                    f"wait for (results of the work placed before it); got "
+                    f"{', '.join(bad) if bad else 'no arrays'}.")
   return jax.lax.optimization_barrier((state, after))[0]
 
 

@@ -285,6 +285,24 @@ def test_recv_fn_after_holds_the_receive_until_the_work_is_done(op):
   assert barriers, "no barrier makes the receive wait for the work"
 
 
+@pytest.mark.parametrize("after", [None, "work", 3.0])
+def test_recv_fn_after_must_be_arrays(after):
+  # None or a constant would order nothing, silently: a trace-time error instead.
+  R, T, H, K, E = 2, 4, 128, 2, 4
+  mesh = ept.make_mesh(R)
+  buf = jax_ep.Buffer(mesh, "ep", backend="xla")
+
+  def f(x, idx):
+    _, recv_fn = buf.low_latency_dispatch(x.astype(jnp.bfloat16), idx, T, E,
+                                          return_recv_hook=True)
+    return recv_fn(after)[1]
+
+  x = jnp.ones((R * 3, H), jnp.float32)
+  idx = jnp.zeros((R * 3, K), jnp.int32)
+  with pytest.raises(TypeError, match=r"low_latency_dispatch: recv_fn\(\*after\)"):
+    jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))).lower(x, idx)
+
+
 def test_low_latency_trace_time_errors():
   R, E = 4, 8
   mesh = ept.make_mesh(R)
