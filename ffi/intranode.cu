@@ -195,22 +195,8 @@ struct Windows {
         z = (d == skip || range_hi[d] < a) ? a : range_hi[d];
       }
     }
-    // Both bounds at once, in lockstep, so their loads overlap: the search's
-    // dependent loads are the latency of this window at small batches (one
-    // after the other they added ~5 us to the 128-token combine on two H100s).
-    const int64_t t_first = b * N / G, t_stop = (b + 1) * N / G;
-    int64_t first = a, first_z = z, stop = a, stop_z = z;
-    while (first < first_z || stop < stop_z) {
-      const int64_t m0 = (first + first_z) / 2, m1 = (stop + stop_z) / 2;
-      const int32_t v0 = first < first_z ? __ldg(row_token + m0) : 0;
-      const int32_t v1 = stop < stop_z ? __ldg(row_token + m1) : 0;
-      if (first < first_z) {
-        if (v0 < t_first) first = m0 + 1; else first_z = m0;
-      }
-      if (stop < stop_z) {
-        if (v1 < t_stop) stop = m1 + 1; else stop_z = m1;
-      }
-    }
+    const int64_t first = FirstRowFrom(row_token, a, z, b * N / G);
+    const int64_t stop = FirstRowFrom(row_token, first, z, (b + 1) * N / G);
     total = 0;
 #pragma unroll
     for (int d = 0; d < kMaxRanks; ++d) {
