@@ -919,6 +919,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (b == 0) OpenOp(g, own, reg, par, me, seq, hello, warp, lane);
 
   if (warp < kPushWarps) {
+    // The window first: its searches read only the handle (operands), so they
+    // run while the peers' hellos cross the link instead of after them.
+    int64_t lo[kMaxRanks], hi[kMaxRanks];
+    SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
+    Windows win;
+    win.SetByTokens(a.recv_src_idx, N, lo, hi, me, lane);
     if (lane < R && lane != me) {
       WaitHello(g, own, par, lane, hello, kOpCombine, me, seq, a.timeout_ns);
     }
@@ -926,10 +932,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     push_trace.Mark("hellos");
     Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
     FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
-    int64_t lo[kMaxRanks], hi[kMaxRanks];
-    SourceRanges(a.recv_src_rank, valid, R, lane, lo, hi);
-    Windows win;
-    win.SetByTokens(a.recv_src_idx, N, lo, hi, me, lane);
     // Item v is receive row win.Row(v); it goes to its source rank, unless the
     // handle is foreign (then it is skipped rather than written out of bounds).
     auto target = [&](int64_t v, int64_t* token) {
