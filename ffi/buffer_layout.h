@@ -9,9 +9,10 @@
 //   F          = max(M, (R - 1) * N)           # per-row arrival flags
 //   flags      = 4096                          # u64 [F]
 //   data       = flags + align(8 * F)          # shared by the ops, one at a time
-//   # dispatch and cached dispatch (receive rows from peers, by receive row)
-//   stage_rows = data                          # [M, row]
-//   stage_meta = stage_rows + align(M * row)   # [M, 2K] i32: local expert ids, f32 weights
+//   # dispatch: rows from peers by (peer index, row among the peer's rows to
+//   # us); cached dispatch: by receive row
+//   stage_rows = data                          # [F, row]
+//   stage_meta = stage_rows + align(F * row)   # [F, 2K] i32: local expert ids, f32 weights
 //   # combine (a peer's copy of one of our tokens, by (peer index, token))
 //   slots      = data                          # [(R-1) * N, row]
 //   slot_w     = slots + align((R-1) * N * row) # [(R-1) * N, K] f32
@@ -95,11 +96,15 @@ constexpr int64_t kLayoutZeroedOffset = 16;  // u32, own: layout seq once output
 // would overwrite the rows in flight).
 constexpr int64_t kPendingReceiveOffset = 20;
 constexpr int64_t kHelloOffset = 64;         // u64 [2][kMaxRanks]: PackHello
-constexpr int64_t kCountsOffset = 256;       // i32 [2][kMaxRanks][kMaxRanks]: [par][src][dst]
-constexpr int64_t kBlockFlagOffset = 768;    // u32 [kMaxBlocks], own: seq once published
-constexpr int64_t kBlockCountsOffset = 1024; // i32 [kMaxBlocks][kMaxRanks + 1], own
+// u64 [2][kMaxRanks][kMaxRanks]: [par][src][dst] = (seq << 32) | rows src sends
+// dst (kCountAbort: src gave up on the op); each word carries its op's
+// sequence number, so no fence orders it against other words.
+constexpr int64_t kCountsOffset = 256;
+constexpr uint32_t kCountAbort = 0xffffffffu;
+constexpr int64_t kBlockFlagOffset = 1280;   // u32 [kMaxBlocks], own: seq once published
+constexpr int64_t kBlockCountsOffset = 1536; // i32 [kMaxBlocks][kMaxRanks + 1], own
 static_assert(kHelloOffset + 2 * kMaxRanks * 8 <= kCountsOffset, "header overlap");
-static_assert(kCountsOffset + 2 * kMaxRanks * kMaxRanks * 4 <= kBlockFlagOffset, "header overlap");
+static_assert(kCountsOffset + 2 * kMaxRanks * kMaxRanks * 8 <= kBlockFlagOffset, "header overlap");
 static_assert(kBlockFlagOffset + kMaxBlocks * 4 <= kBlockCountsOffset, "header overlap");
 static_assert(kBlockCountsOffset + kMaxBlocks * (kMaxRanks + 1) * 4 <= kHeaderBytes,
               "header overflow");
@@ -124,8 +129,8 @@ JAX_EP_HD constexpr uint32_t HelloShape(uint64_t h) {
 struct IntranodeRegions {
   int64_t flags;         // u64 [num_flags]: (seq << 32) | source token, per row
   int64_t num_flags;
-  int64_t stage_rows;    // dispatch: [M, row]
-  int64_t stage_meta;    // dispatch: [M, 2K] (K i32 local expert ids, K f32 weights)
+  int64_t stage_rows;    // dispatch, cached dispatch: [num_flags, row]
+  int64_t stage_meta;    // the same rows' [2K] (K i32 local expert ids, K f32 weights)
   int64_t slots;         // combine: [(R-1) * N, row]
   int64_t slot_weights;  // combine: [(R-1) * N, K] f32
   int64_t bytes;         // the whole buffer
@@ -139,8 +144,8 @@ JAX_EP_HD constexpr IntranodeRegions MakeIntranodeRegions(int64_t R, int64_t N, 
   l.flags = kHeaderBytes;
   const int64_t data = l.flags + AlignUp(8 * l.num_flags);
   l.stage_rows = data;
-  l.stage_meta = l.stage_rows + AlignUp(M * row_bytes);
-  const int64_t dispatch_end = l.stage_meta + AlignUp(M * 2 * K * 4);
+  l.stage_meta = l.stage_rows + AlignUp(l.num_flags * row_bytes);
+  const int64_t dispatch_end = l.stage_meta + AlignUp(l.num_flags * 2 * K * 4);
   l.slots = data;
   l.slot_weights = l.slots + AlignUp(peer_slots * row_bytes);
   const int64_t combine_end = l.slot_weights + AlignUp(peer_slots * K * 4);

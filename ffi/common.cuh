@@ -205,6 +205,12 @@ __device__ __forceinline__ void BulkWait() {
 __device__ __forceinline__ void GroupBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// Arrive at barrier `id` without waiting: the memory accesses before it are
+// visible to the threads that then complete the barrier with GroupBarrier
+// (`threads` counts both sides).
+__device__ __forceinline__ void GroupArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 
 // Generic-proxy shared-memory writes -> later bulk stores that read them.
 __device__ __forceinline__ void FenceProxyAsyncShared() {

@@ -413,18 +413,30 @@ __device__ void ZeroPadding(int64_t valid, int64_t M, int64_t row_bytes, int K, 
 // ---------------------------------------------------------------------------
 // Dispatch.
 //   P0  every block: destinations of its tokens (from topk_idx), checked
-//       against the caller's layout; per-block counts into the header.
-//   P1  block 0: totals (checked against the layout), then this rank's counts
-//       row and hello into every rank.
-//   P2  every block: every rank's hello; offsets; send_pos for its tokens.
-//   P3  push / local / drain warps.
+//       against the caller's layout; per-block counts into the header. Block
+//       0 resets the flag slots, then sends its hellos.
+//   P3  at once, by role:
+//       push warps: each peer's hello and the counts of the blocks before
+//         this one; each token's index j among this rank's rows to rank d,
+//         into send_pos; then the rows, into stage slot (our peer index, j)
+//         at d, which needs no peer's counts;
+//       a drain warp: in block 0, the totals (checked against the layout),
+//         sent to every rank as sequence-tagged count words; in every block,
+//         every rank's counts, then the receive row ranges;
+//       local and drain warps: once the ranges are known, this rank's own
+//         rows and the peers' staged rows into their receive rows.
+//   End: send_pos from j to the receive row at d (or -1 past the capacity).
+// The push starts as soon as this rank's own counts are known and the peers
+// said hello; the count exchange (two signal hops) runs beside it instead of
+// before it. (The v1 kernel and DeepEP exchange counts first, since their
+// senders write rows at the final receive row.)
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchKernel(const DispatchArgs a, const Plan p, const uint32_t shape_hash) {
   extern __shared__ __align__(128) char smem[];
   const GroupView& g = a.group;
-  // Traced roles (JAX_EP_PHASE_TRACE): warp 0 (P1 in block 0, P2, then a push
-  // warp) and a drain warp.
+  // Traced roles (JAX_EP_PHASE_TRACE): warp 0 (a push warp) and the first
+  // drain warp (block 0's totals, every block's counts, then a drain warp).
   PhaseTrace push_trace(0), drain_trace(kFirstDrainWarp * 32);
   const Entry entry = CheckedEntry(g, a.rank, kOpDispatch);
   push_trace.Mark("entry");
@@ -442,13 +454,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t t0 = b * N / G, t1 = (b + 1) * N / G;
   int* block_counts = At<int>(own, kBlockCountsOffset);  // [block][kMaxRanks + 1]
   uint32_t* block_flags = At<uint32_t>(own, kBlockFlagOffset);
+  uint64_t* count_words = At<uint64_t>(own, kCountsOffset) + par * kMaxRanks * kMaxRanks;
   int* hist = p.use_hist ? At<int>(smem, p.hist_offset) : nullptr;
 
   __shared__ int s_count[kMaxRanks + 1];  // this block's tokens per rank, + "layout is stale"
-  __shared__ int64_t s_base[kMaxRanks];   // rows at rank d before this block's first token
+  __shared__ int s_counts[kMaxRanks][kMaxRanks];  // [src][dst] rows, every rank's
+  __shared__ int64_t s_off[kMaxRanks];    // rows at rank d from the ranks before us
   __shared__ int64_t s_lo[kMaxRanks], s_hi[kMaxRanks];  // rows from rank s here
   __shared__ int64_t s_valid;
-  uint8_t* s_mask = reinterpret_cast<uint8_t*>(smem);  // [t1 - t0]; the stages come later
+  // [t1 - t0], read by warp 0 before the push warps' first stage is loaded.
+  uint8_t* s_mask = reinterpret_cast<uint8_t*>(smem);
 
   // P0.
   if (t <= kMaxRanks) s_count[t] = 0;
@@ -471,122 +486,77 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  if (b == 0) ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);  // before P1's hellos
+  if (b == 0) ResetFlags(At<uint64_t>(own, reg.flags), reg.num_flags, seq);  // before the hellos
   __syncthreads();
   push_trace.Mark("counted");
   if (t == 0) {
     for (int d = 0; d <= kMaxRanks; ++d) block_counts[b * (kMaxRanks + 1) + d] = s_count[d];
     StoreReleaseGpuU32(block_flags + b, seq);
   }
+  if (b == 0 && warp == 0) SendHellos(g, par, me, hello, lane);
 
-  // P1.
-  if (b == 0 && warp == 0) {
-    Deadline dl(a.timeout_ns);
-    for (int bb = lane; bb < G; bb += 32) {
-      while (LoadAcquireGpuU32(block_flags + bb) != seq) {
-        if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
-      }
-    }
-    __syncwarp();
-    int total = 0, bad = 0;
-    if (lane < R) {
-      for (int bb = 0; bb < G; ++bb) total += block_counts[bb * (kMaxRanks + 1) + lane];
-      if (a.num_tokens_per_rank != nullptr && a.num_tokens_per_rank[lane] != total) bad = 1;
-    }
-    for (int bb = lane; bb < G; bb += 32) bad |= block_counts[bb * (kMaxRanks + 1) + kMaxRanks];
-    if (__any_sync(kFullMask, bad)) {
-      // Record our fault before the abort reaches the peers: ranks driven by
-      // one process share its fault record, whose first writer names the
-      // failure, and a peer that sees the abort records "rank me gave up".
-      if (lane == 0) {
-        RecordFault(g.fault_record, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
-        __threadfence_system();
-      }
-      __syncwarp();
-      SendHellos(g, par, me, PackHello(seq, kOpAbort, 0), lane);
-      __syncwarp();
-      if (lane == 0) Fail(g, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
-      __syncwarp();
-    }
-    for (int e = lane; e < El; e += 32) a.num_recv_tokens_per_expert[e] = 0;
-    int totals[kMaxRanks];
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) totals[d] = __shfl_sync(kFullMask, total, d);
-    __syncwarp();
-    if (lane < R) {
-      char* dst = PeerAt(g, lane);
-      int* row_at_dst = At<int>(dst, kCountsOffset) + (par * kMaxRanks + me) * kMaxRanks;
-#pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) {
-        if (d < R) row_at_dst[d] = totals[d];
-      }
-      __threadfence_system();
-      StoreReleaseSysU64(At<uint64_t>(dst, kHelloOffset) + par * kMaxRanks + me, hello);
-    }
-    push_trace.Mark("counts sent");
-  }
-
-  // P2.
-  if (warp == 0) {
-    if (lane < R) WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
-    __syncwarp();
-    push_trace.Mark("hellos");
-    const int* counts = At<int>(own, kCountsOffset) + par * kMaxRanks * kMaxRanks;  // [src][dst]
-    if (lane < R) {
-      int64_t off = 0, pre = 0, lo = 0;
-      for (int s = 0; s < me; ++s) off += counts[s * kMaxRanks + lane];
-      for (int bb = 0; bb < b; ++bb) pre += block_counts[bb * (kMaxRanks + 1) + lane];
-      for (int s = 0; s < lane; ++s) lo += counts[s * kMaxRanks + me];
-      s_base[lane] = off + pre;
-      s_lo[lane] = lo;
-      s_hi[lane] = lo + counts[lane * kMaxRanks + me];
-    }
-    if (lane == 0) {
-      int64_t total = 0;
-      for (int s = 0; s < R; ++s) total += counts[s * kMaxRanks + me];
-      s_valid = total < M ? total : M;
-      if (b == 0) *a.num_recv_tokens = static_cast<int32_t>(total);
-    }
-    __syncwarp();
-    int64_t base[kMaxRanks];
-#pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) base[d] = d < R ? s_base[d] : 0;
-    for (int64_t tile = t0; tile < t1; tile += 32) {
-      const int64_t i = tile + lane;
-      const uint32_t mask = i < t1 ? s_mask[i - t0] : 0u;
-#pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) {
-        if (d >= R) continue;
-        const bool hit = (mask >> d) & 1u;
-        const unsigned bal = __ballot_sync(kFullMask, hit);
-        const int64_t pos = base[d] + __popc(bal & ((1u << lane) - 1u));
-        if (i < t1) a.send_pos[i * R + d] = (hit && pos < M) ? static_cast<int32_t>(pos) : -1;
-        base[d] += __popc(bal);
-      }
-    }
-  }
-  __syncthreads();
-
-  // P3.
-  const int64_t valid = s_valid;
   const char* x = static_cast<const char*>(a.x);
   char* recv_x = static_cast<char*>(a.recv_x);
-  const int32_t* send_pos = a.send_pos;
+  int32_t* send_pos = a.send_pos;  // j until the end (see above), then the receive row
   const int32_t* topk_idx = a.topk_idx;
   const float* topk_w = a.topk_weights;
-  auto dest_of = [&](int64_t i, int d) { return send_pos[i * R + d]; };
+  auto index_of = [&](int64_t i, int d) { return send_pos[i * R + d]; };
+  // Warp 0's send_pos reaches the local warps through barrier kReadyBarrier
+  // (warp 0 arrives, the local and drain warps wait), the drain warp's ranges
+  // in shared memory through the same barrier.
+  constexpr int kPushBarrier = 1, kReadyBarrier = 2;
+  constexpr int kReadyThreads = (kWarps - kPushWarps + 1) * 32;
   if (warp < kPushWarps) {
+    if (warp == 0) {
+      if (lane < R && lane != me) {
+        WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
+      }
+      Deadline dl(a.timeout_ns);
+      for (int bb = lane; bb < b; bb += 32) {
+        while (LoadAcquireGpuU32(block_flags + bb) != seq) {
+          if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
+        }
+      }
+      __syncwarp();
+      push_trace.Mark("hellos");
+      int64_t pre = 0;  // lane d: this rank's rows to d in the blocks before this one
+      if (lane < R) {
+        for (int bb = 0; bb < b; ++bb) pre += block_counts[bb * (kMaxRanks + 1) + lane];
+      }
+      int64_t base[kMaxRanks];
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) base[d] = __shfl_sync(kFullMask, pre, d);
+      for (int64_t tile = t0; tile < t1; tile += 32) {
+        const int64_t i = tile + lane;
+        const uint32_t mask = i < t1 ? s_mask[i - t0] : 0u;
+#pragma unroll
+        for (int d = 0; d < kMaxRanks; ++d) {
+          if (d >= R) continue;
+          const bool hit = (mask >> d) & 1u;
+          const unsigned bal = __ballot_sync(kFullMask, hit);
+          const int64_t j = base[d] + __popc(bal & ((1u << lane) - 1u));
+          if (i < t1) send_pos[i * R + d] = hit ? static_cast<int32_t>(j) : -1;
+          base[d] += __popc(bal);
+        }
+      }
+      push_trace.Mark("indexed");
+      __syncwarp();
+      GroupArrive(kReadyBarrier, kReadyThreads);
+    }
+    GroupBarrier(kPushBarrier, kPushWarps * 32);
     Ring ring = MakeRing(smem, p, warp * kPushStages, warp * kPushStages, kPushStages, lane);
     FlagEntry* ring_flags = At<FlagEntry>(smem, p.flag_ring_offset) + warp * kFlagRing;
     auto next = [&](int64_t i) {
       for (; i < t1; i += kPushWarps) {
-        const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
+        const int q = (lane < R && lane != me) ? index_of(i, lane) : -1;
         if (__ballot_sync(kFullMask, q >= 0) != 0) break;
       }
       return i;
     };
+    // pos[d]: the stage slot at rank d, (our peer index there, j).
     auto dests = [&](int64_t i, int (&pos)[kMaxRanks], int64_t* low) {
-      const int q = (lane < R && lane != me) ? dest_of(i, lane) : -1;
+      const int j = (lane < R && lane != me) ? index_of(i, lane) : -1;
+      const int q = j >= 0 ? static_cast<int>(PeerIndex(me, lane) * N + j) : -1;
 #pragma unroll
       for (int d = 0; d < kMaxRanks; ++d) pos[d] = __shfl_sync(kFullMask, q, d);
       *low = i;
@@ -607,93 +577,208 @@ __global__ void __launch_bounds__(kThreads, 1)
     PushPipeline(t0 + warp, t1, kPushWarps, next, dests, src_row, dst_row, dst_flag, meta, ring,
                  ring_flags, p, row_bytes, seq, lane);
     push_trace.Mark("pushed");
-  } else if (warp < kFirstDrainWarp) {
-    const int w = warp - kFirstLocalWarp;
-    auto next = [&](int64_t i) {
-      while (i < t1 && dest_of(i, me) < 0) i += kCopyWarps;
-      return i;
-    };
-    auto ready = [](int64_t) {};
-    auto src_row = [&](int64_t i) { return x + i * row_bytes; };
-    auto dst_row = [&](int64_t i) { return recv_x + static_cast<int64_t>(dest_of(i, me)) * row_bytes; };
-    auto meta = [&](int64_t i, int l) {
-      const int64_t r = dest_of(i, me);
-      if (l < K) {
-        const int e = __ldg(topk_idx + i * K + l);
-        const int local = (e >= 0 && e < E && e / El == me) ? e - me * El : -1;
-        a.recv_topk_idx[r * K + l] = local;
-        a.recv_topk_weights[r * K + l] =
-            (local >= 0 && topk_w != nullptr) ? __ldg(topk_w + i * K + l) : 0.f;
-        if (local >= 0) atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
-      }
-      if (l == 0) {
-        a.recv_src_idx[r] = static_cast<int32_t>(i);
-        a.recv_src_rank[r] = me;
-      }
-    };
-    CopyRows<false>(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes, lane);
   } else {
-    const int w = warp - kFirstDrainWarp;
-    drain_trace.Mark("P2 done");
-    ZeroPadding(valid, M, row_bytes, K, recv_x, a.recv_topk_idx, a.recv_topk_weights,
-                a.recv_src_idx, a.recv_src_rank, lane);
-    drain_trace.Mark("zeroed");
-    int64_t lo[kMaxRanks], hi[kMaxRanks];
+    if (warp == kFirstDrainWarp) {
+      if (b == 0) {
+        // The totals, checked against the layout, to every rank.
+        Deadline dl(a.timeout_ns);
+        for (int bb = lane; bb < G; bb += 32) {
+          while (LoadAcquireGpuU32(block_flags + bb) != seq) {
+            if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
+          }
+        }
+        __syncwarp();
+        int total = 0, bad = 0;
+        if (lane < R) {
+          for (int bb = 0; bb < G; ++bb) total += block_counts[bb * (kMaxRanks + 1) + lane];
+          if (a.num_tokens_per_rank != nullptr && a.num_tokens_per_rank[lane] != total) bad = 1;
+        }
+        for (int bb = lane; bb < G; bb += 32) bad |= block_counts[bb * (kMaxRanks + 1) + kMaxRanks];
+        if (__any_sync(kFullMask, bad)) {
+          // Our fault first (ranks driven by one process share its record,
+          // whose first writer names the failure), then the abort, so that
+          // the peers stop at once ("rank me gave up") instead of timing out.
+          if (lane == 0) {
+            RecordFault(g.fault_record, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
+            __threadfence_system();
+          }
+          __syncwarp();
+          if (lane < R && lane != me) {
+            uint64_t* row = At<uint64_t>(PeerAt(g, lane), kCountsOffset) +
+                            (par * kMaxRanks + me) * kMaxRanks;
+            for (int d = 0; d < R; ++d) StoreReleaseSysU64(row + d, FlagValue(seq, kCountAbort));
+          }
+          __syncwarp();
+          if (lane == 0) Fail(g, kFaultLayoutMismatch, kOpDispatch, me, me, kOpNone, seq);
+          __syncwarp();
+        }
+        for (int e = lane; e < El; e += 32) a.num_recv_tokens_per_expert[e] = 0;
+        int totals[kMaxRanks];
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      lo[d] = d < R ? (s_lo[d] < valid ? s_lo[d] : valid) : 0;
-      hi[d] = d < R ? (s_hi[d] < valid ? s_hi[d] : valid) : 0;
-    }
-    Windows win;
-    win.Set(lo, hi, me);
-    const uint64_t* flags = At<uint64_t>(own, reg.flags);
-    const int32_t* meta_base = At<int32_t>(own, reg.stage_meta);
-    auto next = [](int64_t v) { return v; };
-    int64_t ready_until = 0;
-    auto ready = [&](int64_t v) {
-      if (v < ready_until) return;
-      auto is_ready = [&](int64_t item) {
-        int s;
-        return HelloSeq(LoadAcquireSysU64(flags + win.Row(item, &s))) == seq;
-      };
-      auto timeout = [&] {
-        int s;
-        win.Row(v, &s);
-        Fail(g, kFaultTimeout, kOpDispatch, me, s, kOpNone, seq);
-      };
-      ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
-                                                  a.timeout_ns, lane);
-    };
-    auto src_row = [&](int64_t v) {
-      int s;
-      return own + reg.stage_rows + win.Row(v, &s) * row_bytes;
-    };
-    auto dst_row = [&](int64_t v) {
-      int s;
-      return recv_x + win.Row(v, &s) * row_bytes;
-    };
-    auto meta = [&](int64_t v, int l) {
-      int s;
-      const int64_t r = win.Row(v, &s);
-      const int32_t* m = meta_base + r * 2 * K;
-      if (l < K) {
-        const int local = m[l];
-        a.recv_topk_idx[r * K + l] = local;
-        a.recv_topk_weights[r * K + l] = reinterpret_cast<const float*>(m)[K + l];
-        if (local >= 0 && local < El) {
-          atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
+        for (int d = 0; d < kMaxRanks; ++d) totals[d] = __shfl_sync(kFullMask, total, d);
+        __syncwarp();
+        if (lane < R) {
+          // Our own row's release orders the zeroing above before every
+          // block's counting (which starts once it reads that row).
+          if (lane == me) __threadfence();
+          volatile uint64_t* row = At<volatile uint64_t>(PeerAt(g, lane), kCountsOffset) +
+                                   (par * kMaxRanks + me) * kMaxRanks;
+#pragma unroll
+          for (int d = 0; d < kMaxRanks; ++d) {
+            if (d < R) row[d] = FlagValue(seq, static_cast<uint32_t>(totals[d]));
+          }
+        }
+        drain_trace.Mark("counts sent");
+      }
+      // Every rank's counts; a peer's hello first, so that a peer running
+      // another op is named as such rather than timing out.
+      if (lane < R) {
+        if (lane != me) WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
+        Deadline dl(a.timeout_ns);
+        for (int d = 0; d < R; ++d) {
+          uint64_t v;
+          while (HelloSeq(v = LoadAcquireSysU64(count_words + lane * kMaxRanks + d)) != seq) {
+            if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, lane, kOpNone, seq);
+          }
+          const uint32_t n = static_cast<uint32_t>(v);
+          if (n == kCountAbort) Fail(g, kFaultPeerAborted, kOpDispatch, me, lane, kOpAbort, seq);
+          s_counts[lane][d] = static_cast<int>(n);
         }
       }
-      if (l == 0) {
-        a.recv_src_idx[r] = static_cast<int32_t>(static_cast<uint32_t>(flags[r]));
-        a.recv_src_rank[r] = s;
+      __syncwarp();
+      if (lane < R) {
+        int64_t off = 0, lo = 0;
+        for (int s = 0; s < me; ++s) off += s_counts[s][lane];
+        for (int s = 0; s < lane; ++s) lo += s_counts[s][me];
+        s_off[lane] = off;
+        s_lo[lane] = lo;
+        s_hi[lane] = lo + s_counts[lane][me];
       }
-    };
-    CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
-                   lane);
-    drain_trace.Mark("drained");
+      if (lane == 0) {
+        int64_t total = 0;
+        for (int s = 0; s < R; ++s) total += s_counts[s][me];
+        s_valid = total < M ? total : M;
+        if (b == 0) *a.num_recv_tokens = static_cast<int32_t>(total);
+      }
+      __syncwarp();
+      drain_trace.Mark("counts");
+    }
+    GroupBarrier(kReadyBarrier, kReadyThreads);
+    const int64_t valid = s_valid;
+    if (warp < kFirstDrainWarp) {
+      const int w = warp - kFirstLocalWarp;
+      const int64_t off = s_off[me];
+      auto row_of = [&](int64_t i) {
+        const int j = index_of(i, me);
+        return j >= 0 && off + j < M ? off + j : int64_t{-1};
+      };
+      auto next = [&](int64_t i) {
+        while (i < t1 && row_of(i) < 0) i += kCopyWarps;
+        return i;
+      };
+      auto ready = [](int64_t) {};
+      auto src_row = [&](int64_t i) { return x + i * row_bytes; };
+      auto dst_row = [&](int64_t i) { return recv_x + row_of(i) * row_bytes; };
+      auto meta = [&](int64_t i, int l) {
+        const int64_t r = row_of(i);
+        if (l < K) {
+          const int e = __ldg(topk_idx + i * K + l);
+          const int local = (e >= 0 && e < E && e / El == me) ? e - me * El : -1;
+          a.recv_topk_idx[r * K + l] = local;
+          a.recv_topk_weights[r * K + l] =
+              (local >= 0 && topk_w != nullptr) ? __ldg(topk_w + i * K + l) : 0.f;
+          if (local >= 0) atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
+        }
+        if (l == 0) {
+          a.recv_src_idx[r] = static_cast<int32_t>(i);
+          a.recv_src_rank[r] = me;
+        }
+      };
+      CopyRows<false>(t0 + w, t1, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes, lane);
+    } else {
+      const int w = warp - kFirstDrainWarp;
+      ZeroPadding(valid, M, row_bytes, K, recv_x, a.recv_topk_idx, a.recv_topk_weights,
+                  a.recv_src_idx, a.recv_src_rank, lane);
+      drain_trace.Mark("zeroed");
+      int64_t lo[kMaxRanks], hi[kMaxRanks];
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {
+        lo[d] = d < R ? (s_lo[d] < valid ? s_lo[d] : valid) : 0;
+        hi[d] = d < R ? (s_hi[d] < valid ? s_hi[d] : valid) : 0;
+      }
+      Windows win;
+      win.Set(lo, hi, me);
+      const uint64_t* flags = At<uint64_t>(own, reg.flags);
+      const int32_t* meta_base = At<int32_t>(own, reg.stage_meta);
+      // Item v: receive row r from rank s, staged in slot (s's peer index
+      // here, r's index among s's rows).
+      auto where = [&](int64_t v, int64_t* slot, int* s) {
+        const int64_t r = win.Row(v, s);
+        *slot = PeerIndex(*s, me) * N + (r - s_lo[*s]);
+        return r;
+      };
+      auto next = [](int64_t v) { return v; };
+      int64_t ready_until = 0;
+      auto ready = [&](int64_t v) {
+        if (v < ready_until) return;
+        auto is_ready = [&](int64_t item) {
+          int s;
+          int64_t slot;
+          where(item, &slot, &s);
+          return HelloSeq(LoadAcquireSysU64(flags + slot)) == seq;
+        };
+        auto timeout = [&] {
+          int s;
+          int64_t slot;
+          where(v, &slot, &s);
+          Fail(g, kFaultTimeout, kOpDispatch, me, s, kOpNone, seq);
+        };
+        ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
+                                                    a.timeout_ns, lane);
+      };
+      auto src_row = [&](int64_t v) {
+        int s;
+        int64_t slot;
+        where(v, &slot, &s);
+        return own + reg.stage_rows + slot * row_bytes;
+      };
+      auto dst_row = [&](int64_t v) {
+        int s;
+        int64_t slot;
+        return recv_x + where(v, &slot, &s) * row_bytes;
+      };
+      auto meta = [&](int64_t v, int l) {
+        int s;
+        int64_t slot;
+        const int64_t r = where(v, &slot, &s);
+        const int32_t* m = meta_base + slot * 2 * K;
+        if (l < K) {
+          const int local = m[l];
+          a.recv_topk_idx[r * K + l] = local;
+          a.recv_topk_weights[r * K + l] = reinterpret_cast<const float*>(m)[K + l];
+          if (local >= 0 && local < El) {
+            atomicAdd(hist != nullptr ? hist + local : a.num_recv_tokens_per_expert + local, 1);
+          }
+        }
+        if (l == 0) {
+          a.recv_src_idx[r] = static_cast<int32_t>(static_cast<uint32_t>(flags[slot]));
+          a.recv_src_rank[r] = s;
+        }
+      };
+      CopyRows<true>(w, win.total, kCopyWarps, next, ready, src_row, dst_row, meta, row_bytes,
+                     lane);
+      drain_trace.Mark("drained");
+    }
   }
   __syncthreads();
+  // send_pos: j -> the receive row at rank d, -1 past the capacity.
+  for (int64_t q = t0 * R + t; q < t1 * R; q += kThreads) {
+    const int32_t j = send_pos[q];
+    if (j >= 0) {
+      const int64_t pos = s_off[q % R] + j;
+      send_pos[q] = pos < M ? static_cast<int32_t>(pos) : -1;
+    }
+  }
   if (hist != nullptr) {
     for (int e = t; e < El; e += kThreads) {
       if (hist[e] != 0) atomicAdd(a.num_recv_tokens_per_expert + e, hist[e]);
