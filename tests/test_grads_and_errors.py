@@ -137,8 +137,9 @@ def test_buffer_size_hint_matches_the_documented_layout():
                                     (1, 8, 1, 1, 2, None), (100, 256, 4, 32, 4, 1000)]:
     M_ = M or N * R
     row = H * itemsize
-    flags = align(8 * max(M_, (R - 1) * N))
-    dispatch = 4096 + flags + align(M_ * row) + align(M_ * 2 * K * 4)
+    F = max(M_, (R - 1) * N)  # flag slots; the dispatch stages as many rows
+    flags = align(8 * F)
+    dispatch = 4096 + flags + align(F * row) + align(F * 2 * K * 4)
     combine = 4096 + flags + align((R - 1) * N * row) + align((R - 1) * N * K * 4)
     expected = 4096 if R == 1 else max(dispatch, combine)
     dtype = jnp.bfloat16 if itemsize == 2 else jnp.float32
