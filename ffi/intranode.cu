@@ -412,24 +412,24 @@ __device__ void ZeroPadding(int64_t valid, int64_t M, int64_t row_bytes, int K, 
 
 // ---------------------------------------------------------------------------
 // Dispatch.
-//   P0  every block: destinations of its tokens (from topk_idx), checked
-//       against the caller's layout; per-block counts into the header. Block
-//       0 resets the flag slots, then sends its hellos.
-//   P3  at once, by role:
-//       push warps: each peer's hello and the counts of the blocks before
-//         this one; each token's index j among this rank's rows to rank d,
-//         into send_pos; then the rows, into stage slot (our peer index, j)
-//         at d, which needs no peer's counts;
-//       a drain warp: in block 0, the totals (checked against the layout),
-//         sent to every rank as sequence-tagged count words; in every block,
-//         every rank's counts, then the receive row ranges;
-//       local and drain warps: once the ranges are known, this rank's own
-//         rows and the peers' staged rows into their receive rows.
-//   End: send_pos from j to the receive row at d (or -1 past the capacity).
-// The push starts as soon as this rank's own counts are known and the peers
-// said hello; the count exchange (two signal hops) runs beside it instead of
-// before it. (The v1 kernel and DeepEP exchange counts first, since their
-// senders write rows at the final receive row.)
+//   Count  every block: destinations of its tokens (from topk_idx), checked
+//          against the caller's layout; per-block counts into the header.
+//          Block 0 resets the flag slots, then sends its hellos.
+//   Then, by role, at once:
+//   push   each peer's hello and the counts of the blocks before this one;
+//          each token's index j among this rank's rows to rank d, into
+//          send_pos; then the rows, into stage slot (our peer index, j) at d,
+//          which needs no peer's counts;
+//   counts a drain warp: in block 0, the totals (checked against the layout)
+//          to every rank as sequence-tagged words; in every block, every
+//          rank's counts, then the receive row ranges;
+//   copy   local and drain warps, once the ranges are known: this rank's own
+//          rows and the peers' staged rows into their receive rows.
+//   End    send_pos from j to the receive row at d (-1 past the capacity).
+// So the count exchange (two signal hops) runs beside the push instead of
+// before it: on two H100s the 128-token dispatch went from 31 to 26-29 us.
+// (v1, and DeepEP, exchange the counts first: their senders write each row
+// at its final receive row.)
 // ---------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads, 1)
     DispatchKernel(const DispatchArgs a, const Plan p, const uint32_t shape_hash) {
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // [t1 - t0], read by warp 0 before the push warps' first stage is loaded.
   uint8_t* s_mask = reinterpret_cast<uint8_t*>(smem);
 
-  // P0.
+  // Count.
   if (t <= kMaxRanks) s_count[t] = 0;
   if (hist != nullptr) {
     for (int e = t; e < El; e += kThreads) hist[e] = 0;
@@ -1271,7 +1271,7 @@ cudaError_t Preload() {
 cudaError_t Dispatch(const DispatchArgs& a, cudaStream_t stream) {
   const int El = a.num_experts / a.group.num_ranks;
   Plan p = MakePlan(a.row_bytes, El <= kHistBins, a.num_sms, a.group.ranks_on_device);
-  // P0 keeps one byte per token of a block in the (not yet used) stages.
+  // The count phase keeps one byte per token of a block in the (not yet used) stages.
   if ((a.num_tokens + p.grid - 1) / p.grid > p.stage_bytes * kStages) {
     return cudaErrorInvalidValue;
   }
