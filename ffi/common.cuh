@@ -239,8 +239,10 @@ struct PhaseTrace {
 #ifdef JAX_EP_PHASE_TRACE
   static constexpr int kMarks = 12;  // printf takes at most 32 arguments
   int tracer;
-  uint64_t start = GlobalTimerNs(), at[kMarks] = {};
-  const char* name[kMarks] = {};
+  // Not zero-filled: only the tracer writes (and Print reads) the first n;
+  // zero-filling cost every thread of the block local-memory stores.
+  uint64_t start = GlobalTimerNs(), at[kMarks];
+  const char* name[kMarks];
   int n = 0;
   __device__ explicit PhaseTrace(int tracer_thread = 0) : tracer(tracer_thread) {}
   __device__ void Mark(const char* phase) {
