@@ -50,8 +50,13 @@ constexpr int kGroups = kWarps / kGroupWarps;
 constexpr int kGroupThreads = kGroupWarps * 32;
 // 16-byte loads in flight per lane when a warp copies a row.
 constexpr int kCopyUnroll = 16;
-// Copies of one token summed per round of loads in the combine.
-constexpr int kSumUnroll = 8;
+// The combine's weighted sum: per round of loads, kSumUnroll copies of one
+// token at kSumVecs vectors per thread. (8 copies at one vector left a task
+// at ~3.5 rounds of HBM latency, 3.3-3.9 us in the trace, with ~4 copies per
+// token at R = 2; 4 copies at 2 vectors keep the registers and halve the
+// rounds there.)
+constexpr int kSumUnroll = 4;
+constexpr int kSumVecs = 2;
 
 // One block per SM, shared among the ranks on the GPU: every block waits for
 // peers, so all ranks' blocks must be resident at once.
@@ -481,35 +486,50 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     if (traced) trace.Mark("task copies");
     const int nc = num_copies[group];
     if (nc > 0) {
-      for (int64_t v = gtid; v < n16; v += kGroupThreads) {
-        float acc[Traits::kElems];
+      for (int64_t v0 = gtid; v0 < n16; v0 += kGroupThreads * kSumVecs) {
+        float acc[kSumVecs][Traits::kElems];
 #pragma unroll
-        for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
+        for (int q = 0; q < kSumVecs; ++q) {
+#pragma unroll
+          for (int e = 0; e < Traits::kElems; ++e) acc[q][e] = 0.f;
+        }
         for (int c0 = 0; c0 < nc; c0 += kSumUnroll) {
-          int4 in[kSumUnroll];
+          int4 in[kSumVecs][kSumUnroll];
 #pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u) {
-            if (c0 + u < nc) {
-              in[u] = LoadNc16(reinterpret_cast<const int4*>(y + copy_row[c0 + u] * in_row) + v);
+          for (int q = 0; q < kSumVecs; ++q) {
+            const int64_t v = v0 + q * kGroupThreads;
+#pragma unroll
+            for (int u = 0; u < kSumUnroll; ++u) {
+              if (c0 + u < nc && v < n16) {
+                in[q][u] = LoadNc16(reinterpret_cast<const int4*>(y + copy_row[c0 + u] * in_row) + v);
+              }
             }
           }
 #pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u) {
-            if (c0 + u < nc) {
-              float f[Traits::kElems];
-              Traits::ToFloats(in[u], f);
-              const float w = copy_weight[c0 + u];
-              // The order and roundings of xla_ll.combine_send: acc + (w * y).
+          for (int q = 0; q < kSumVecs; ++q) {
 #pragma unroll
-              for (int e = 0; e < Traits::kElems; ++e) {
-                acc[e] = __fadd_rn(acc[e], __fmul_rn(w, f[e]));
+            for (int u = 0; u < kSumUnroll; ++u) {
+              if (c0 + u < nc) {
+                float f[Traits::kElems];
+                Traits::ToFloats(in[q][u], f);
+                const float w = copy_weight[c0 + u];
+                // The order and roundings of xla_ll.combine_send: acc + (w * y).
+#pragma unroll
+                for (int e = 0; e < Traits::kElems; ++e) {
+                  acc[q][e] = __fadd_rn(acc[q][e], __fmul_rn(w, f[e]));
+                }
               }
             }
           }
         }
-        int4* out = reinterpret_cast<int4*>(stage + v * Traits::kElems);
 #pragma unroll
-        for (int q = 0; q < Traits::kElems / 4; ++q) out[q] = VecTraits<float>::Pack(acc + 4 * q);
+        for (int q = 0; q < kSumVecs; ++q) {
+          const int64_t v = v0 + q * kGroupThreads;
+          if (v >= n16) break;
+          int4* out = reinterpret_cast<int4*>(stage + v * Traits::kElems);
+#pragma unroll
+          for (int j = 0; j < Traits::kElems / 4; ++j) out[j] = VecTraits<float>::Pack(acc[q] + 4 * j);
+        }
       }
       FenceProxyAsyncShared();  // the stage's writes, then the bulk store that reads them
     }
