@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep import _ext, _ops
+from jax_ep.backends.xla_ll import XlaLowLatency
 from jax_ep.fp8 import FP8_DTYPE
 from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
@@ -541,7 +542,6 @@ class CudaLowLatency:
       # Nothing crosses: XLA's K gathers and weighted sum (one fusion) took
       # 6.4 us at 128 x 7168, top-8, where our kernel took 18.3 (H100,
       # benchmarks/RESULTS.md). The handle is the same for both backends.
-      from jax_ep.backends.xla_ll import XlaLowLatency
       return XlaLowLatency(self.axis_name, 1).combine(y, handle, weights, num_tokens)
     _, out = self._b._call(
         "jax_ep_ll_combine",
