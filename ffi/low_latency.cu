@@ -50,8 +50,13 @@ constexpr int kGroups = kWarps / kGroupWarps;
 constexpr int kGroupThreads = kGroupWarps * 32;
 // 16-byte loads in flight per lane when a warp copies a row.
 constexpr int kCopyUnroll = 16;
-// Copies of one token summed per round of loads in the combine.
-constexpr int kSumUnroll = 8;
+// The combine's weighted sum: per round of loads, kSumUnroll copies of one
+// token at kSumVecs vectors per thread. (8 copies at one vector left a task
+// at ~3.5 rounds of HBM latency, 3.3-3.9 us in the trace, with ~4 copies per
+// token at R = 2; 4 copies at 2 vectors keep the registers and halve the
+// rounds there.)
+constexpr int kSumUnroll = 4;
+constexpr int kSumVecs = 2;
 
 // One block per SM, shared among the ranks on the GPU: every block waits for
 // peers, so all ranks' blocks must be resident at once.
@@ -99,6 +104,16 @@ __device__ uint32_t WaitFlag(const GroupView& g, const uint64_t* flag, uint32_t 
 __device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, int64_t y_rows) {
   const int32_t r = __ldg(recv_slot + j);
   return r >= 0 && r < y_rows ? r : -1;
+}
+
+// The dispatch receive's shared memory: (R + 1) * El ints of numbering, then,
+// where they fit, the S = R*T*K ids of every source (each block reads them all
+// for the numbering anyway), so that a warp counting the copies before its
+// slot reads shared memory instead of L2: up to T*K/32 loads per lane, the
+// last step of the receive (the trace had 2-5 us between a block's copies and
+// its end).
+JAX_EP_HD constexpr bool IdsInSmem(int64_t R, int64_t El, int64_t S) {
+  return 4 * ((R + 1) * El + S) <= kMaxLowLatencySmem;
 }
 
 // ---------------------------------------------------------------------------
@@ -240,14 +255,17 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
     // waits for another, and the copies spread over every warp of the grid.
     // (A block-wide prefix sum per expert, one expert per block in turn, took
     // 2-2.5 us at R = 2 and left the blocks past E/R idle while others copied.)
-    extern __shared__ int numbering[];  // [R][El] first rows, then [El] totals
+    extern __shared__ int numbering[];  // [R][El] first rows, [El] totals, [S] ids (IdsInSmem)
     int* first_row = numbering;
     int* total = numbering + R * El;
+    int32_t* staged_ids = IdsInSmem(R, El, S) ? numbering + (R + 1) * El : nullptr;
+    auto id_at = [&](int64_t j) { return staged_ids != nullptr ? staged_ids[j] : __ldcg(ids + j); };
     for (int q = tid; q < (R + 1) * El; q += kThreads) numbering[q] = 0;
     __syncthreads();
     const int64_t per_source = T * K;
     for (int64_t j = tid; j < S; j += kThreads) {
       const int32_t id = __ldcg(ids + j);
+      if (staged_ids != nullptr) staged_ids[j] = id;
       if (id >= 0 && id < E && id / El == me) {
         atomicAdd(&first_row[(j / per_source) * El + id % El], 1);
       }
@@ -266,13 +284,13 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
     trace.Mark("numbered");
     const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
     for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp; j < S; j += nwarps) {
-      const int32_t id = __ldcg(ids + j);
+      const int32_t id = id_at(j);
       int64_t r = -1;
       if (id >= 0 && id < E && id / El == me) {
         const int e = id % El;
         const int64_t s = j / per_source;
         int before = 0;
-        for (int64_t q = s * per_source + lane; q < j; q += 32) before += __ldcg(ids + q) == id;
+        for (int64_t q = s * per_source + lane; q < j; q += 32) before += id_at(q) == id;
         const int64_t p = first_row[s * El + e] + __reduce_add_sync(kFullMask, before);
         if (p < rows) r = e * rows + p;  // else past R*T copies (an id repeated): dropped
       }
@@ -468,35 +486,50 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     if (traced) trace.Mark("task copies");
     const int nc = num_copies[group];
     if (nc > 0) {
-      for (int64_t v = gtid; v < n16; v += kGroupThreads) {
-        float acc[Traits::kElems];
+      for (int64_t v0 = gtid; v0 < n16; v0 += kGroupThreads * kSumVecs) {
+        float acc[kSumVecs][Traits::kElems];
 #pragma unroll
-        for (int e = 0; e < Traits::kElems; ++e) acc[e] = 0.f;
+        for (int q = 0; q < kSumVecs; ++q) {
+#pragma unroll
+          for (int e = 0; e < Traits::kElems; ++e) acc[q][e] = 0.f;
+        }
         for (int c0 = 0; c0 < nc; c0 += kSumUnroll) {
-          int4 in[kSumUnroll];
+          int4 in[kSumVecs][kSumUnroll];
 #pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u) {
-            if (c0 + u < nc) {
-              in[u] = LoadNc16(reinterpret_cast<const int4*>(y + copy_row[c0 + u] * in_row) + v);
+          for (int q = 0; q < kSumVecs; ++q) {
+            const int64_t v = v0 + q * kGroupThreads;
+#pragma unroll
+            for (int u = 0; u < kSumUnroll; ++u) {
+              if (c0 + u < nc && v < n16) {
+                in[q][u] = LoadNc16(reinterpret_cast<const int4*>(y + copy_row[c0 + u] * in_row) + v);
+              }
             }
           }
 #pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u) {
-            if (c0 + u < nc) {
-              float f[Traits::kElems];
-              Traits::ToFloats(in[u], f);
-              const float w = copy_weight[c0 + u];
-              // The order and roundings of xla_ll.combine_send: acc + (w * y).
+          for (int q = 0; q < kSumVecs; ++q) {
 #pragma unroll
-              for (int e = 0; e < Traits::kElems; ++e) {
-                acc[e] = __fadd_rn(acc[e], __fmul_rn(w, f[e]));
+            for (int u = 0; u < kSumUnroll; ++u) {
+              if (c0 + u < nc) {
+                float f[Traits::kElems];
+                Traits::ToFloats(in[q][u], f);
+                const float w = copy_weight[c0 + u];
+                // The order and roundings of xla_ll.combine_send: acc + (w * y).
+#pragma unroll
+                for (int e = 0; e < Traits::kElems; ++e) {
+                  acc[q][e] = __fadd_rn(acc[q][e], __fmul_rn(w, f[e]));
+                }
               }
             }
           }
         }
-        int4* out = reinterpret_cast<int4*>(stage + v * Traits::kElems);
 #pragma unroll
-        for (int q = 0; q < Traits::kElems / 4; ++q) out[q] = VecTraits<float>::Pack(acc + 4 * q);
+        for (int q = 0; q < kSumVecs; ++q) {
+          const int64_t v = v0 + q * kGroupThreads;
+          if (v >= n16) break;
+          int4* out = reinterpret_cast<int4*>(stage + v * Traits::kElems);
+#pragma unroll
+          for (int j = 0; j < Traits::kElems / 4; ++j) out[j] = VecTraits<float>::Pack(acc[q] + 4 * j);
+        }
       }
       FenceProxyAsyncShared();  // the stage's writes, then the bulk store that reads them
     }
@@ -660,10 +693,12 @@ uint32_t CombineHash(const CombineSendArgs& a) {
 }
 
 // The dispatch receive's numbering: per-(source, expert) first rows and per-
-// expert totals, (R + 1) * E/R ints; errors for more experts than fit.
+// expert totals, (R + 1) * E/R ints, and the ids where they fit (IdsInSmem);
+// errors for more experts than fit.
 cudaError_t NumberingSmem(const DispatchRecvArgs& a, size_t* smem) {
   const int64_t R = a.group.num_ranks, El = a.num_experts / std::max<int64_t>(1, R);
-  *smem = static_cast<size_t>(4 * (R + 1) * El);
+  const int64_t S = R * a.num_max_tokens * a.num_topk;
+  *smem = static_cast<size_t>(4 * ((R + 1) * El + (IdsInSmem(R, El, S) ? S : 0)));
   return static_cast<int64_t>(*smem) > kMaxLowLatencySmem ? cudaErrorInvalidValue
                                                                  : cudaSuccess;
 }
