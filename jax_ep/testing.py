@@ -757,11 +757,12 @@ def check_stale_flags(process, num_processes, *, seed=3, num_tokens=1024, hidden
 def check_layouts(process, num_processes, *, seed=11, backend="cuda",
                   cases=((128, 8, 256), (1100, 8, 256), (64, 4, 16384), (1, 1, 2))):
   """``get_dispatch_layout`` against NumPy for ``(num_tokens, num_topk,
-  num_experts)`` cases that take each of the cuda layout's paths: one block
-  (a few thousand slots), many blocks counting in shared memory (more), many
-  blocks counting in global memory (too many experts for shared memory). Each
-  case runs twice with fresh routings (the multi-block path keeps a sequence
-  number between calls)."""
+  num_experts)`` cases that take each path: XLA's fusions (the cuda backend
+  up to ``LAYOUT_XLA_MAX_SLOTS`` slots), and on cuda the layout kernel at
+  every case too, called directly: few blocks, many blocks counting in shared
+  memory, many blocks counting in global memory (too many experts for shared
+  memory). Each case runs twice with fresh routings (the kernel keeps a
+  sequence number between calls)."""
   import jax_ep
   mesh = _global_mesh()
   R = mesh.size
@@ -769,21 +770,27 @@ def check_layouts(process, num_processes, *, seed=11, backend="cuda",
   buf = jax_ep.Buffer(mesh, "ep", backend=backend,
                       num_nvl_bytes=jax_ep.Buffer.get_buffer_size_hint(8, 64, R, 1)
                       if backend == "cuda" else None)
+  paths = {"get_dispatch_layout": buf.get_dispatch_layout}
+  if backend == "cuda":
+    paths["layout kernel"] = buf._backend.layout_kernel
   checked = 0
   for N, K, E in cases:
     E = max(E, R) // R * R
-    layout = jax.jit(per_rank_fn(lambda i, E=E: tuple(buf.get_dispatch_layout(i, E)), mesh))
-    for _ in range(2):
-      idxs = [random_routing(rng, N, K, E) for _ in range(R)]
-      got = [_local_ranks(o) for o in layout(_to_global(mesh, idxs))]
-      for rank in got[0]:
-        ref = reference_layout(idxs[rank], E, R)
-        for name, g, r in zip(("num_tokens_per_rank", "num_tokens_per_expert",
-                               "is_token_in_rank"), (o[rank] for o in got), ref):
-          np.testing.assert_array_equal(g, r, f"rank {rank}/{R}, {N}x{K} of {E}: {name}")
-        checked += 1
+    for path, fn in paths.items():
+      layout = jax.jit(per_rank_fn(lambda i, E=E, fn=fn: tuple(fn(i, E)), mesh))
+      for _ in range(2):
+        idxs = [random_routing(rng, N, K, E) for _ in range(R)]
+        got = [_local_ranks(o) for o in layout(_to_global(mesh, idxs))]
+        for rank in got[0]:
+          ref = reference_layout(idxs[rank], E, R)
+          for name, g, r in zip(("num_tokens_per_rank", "num_tokens_per_expert",
+                                 "is_token_in_rank"), (o[rank] for o in got), ref):
+            np.testing.assert_array_equal(
+                g, r, f"{path}, rank {rank}/{R}, {N}x{K} of {E}: {name}")
+          checked += 1
   buf.destroy()
-  return {"ranks": sorted(got[0]), "num_ranks": R, "checked": checked}
+  return {"ranks": sorted(got[0]), "num_ranks": R, "checked": checked,
+          "paths": sorted(paths)}
 
 
 def check_stale_layout(process, num_processes, *, hidden=64, timeout_s=30.0):

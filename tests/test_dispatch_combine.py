@@ -262,9 +262,10 @@ def test_handle_leaves_and_reenters_shard_map_with_the_natural_spec(backend, exp
 
 
 def test_layout_checker_on_every_path_shape():
-  # testing.check_layouts is what the GPU suite runs for the cuda layout's three
+  # testing.check_layouts is what the GPU suite runs for the cuda layout's
   # paths; here on the xla backend over the 8 CPU devices, so the checker
   # itself (cases, references, counts) is exercised on every CI run.
   res = ept.check_layouts(0, 1, backend="xla")
   assert res["ranks"] == list(range(res["num_ranks"]))
   assert res["checked"] == 8 * res["num_ranks"]
+  assert res["paths"] == ["get_dispatch_layout"]

@@ -22,12 +22,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep import _ext, _ops
+from jax_ep.backends.xla import compute_layout
 from jax_ep.backends.xla_ll import XlaLowLatency
 from jax_ep.fp8 import FP8_DTYPE
 from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
 DEFAULT_NUM_SMS = 24
+# Up to this many (token, k) slots per rank the layout is XLA's fusions (the
+# xla backend's jnp code, which XLA can also fuse into the router), above it
+# our kernel. Measured on two H100s (tools/layout_sweep.py, benchmarks/
+# RESULTS.md): XLA 4.3 / 6.1 us against the kernel's 4.3 / 7.8 us at 128 /
+# 1024 tokens of top-8, the kernel 6.7 / 6.9 us against XLA's 8.6 / 13.3 at
+# 2048 / 4096.
+LAYOUT_XLA_MAX_SLOTS = 8192
 
 _registered = False
 _register_lock = threading.Lock()
@@ -295,6 +303,12 @@ class CudaBackend:
 
   # -- ops ------------------------------------------------------------------------
   def layout(self, topk_idx, num_experts):
+    if topk_idx.size <= LAYOUT_XLA_MAX_SLOTS:
+      return compute_layout(topk_idx, num_experts, self.num_ranks)
+    return self.layout_kernel(topk_idx, num_experts)
+
+  def layout_kernel(self, topk_idx, num_experts):
+    """The layout kernel at any size (``layout`` uses it above LAYOUT_XLA_MAX_SLOTS)."""
     N, R = topk_idx.shape[0], self.num_ranks
     return DispatchLayout(*self._call("jax_ep_layout", (
         jax.ShapeDtypeStruct((R,), jnp.int32),

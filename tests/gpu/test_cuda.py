@@ -115,11 +115,13 @@ def test_stale_row_bytes_never_pass_for_flags(model, num_ranks):
 
 @pytest.mark.parametrize("model,num_ranks", [("emulated", 1), ("emulated", 2), ("one", 2)])
 def test_layout_every_path_matches_reference(model, num_ranks):
-  # One block for small batches, many blocks with shared- or global-memory
-  # histograms for large ones (ffi/layout.cu), each called twice.
+  # get_dispatch_layout (XLA's fusions for small batches, the kernel for
+  # large ones), and the kernel itself at every case: few or many blocks, with
+  # shared- or global-memory histograms (ffi/layout.cu), each called twice.
   res = run("jax_ep.testing:check_layouts", model, num_ranks)
   assert ranks_checked(res) == list(range(num_ranks))
-  assert all(r["checked"] == 8 * len(r["ranks"]) for r in res)
+  assert all(r["paths"] == ["get_dispatch_layout", "layout kernel"] for r in res)
+  assert all(r["checked"] == 16 * len(r["ranks"]) for r in res)
 
 
 @pytest.mark.parametrize("model,num_ranks", [("one", 2), ("per-gpu", 4)])
