@@ -57,6 +57,9 @@ constexpr int kCopyUnroll = 16;
 // rounds there.)
 constexpr int kSumUnroll = 4;
 constexpr int kSumVecs = 2;
+// The dispatch receive's numbering: ids loaded per thread before counting
+// them (S = R*T*K ids over kThreads threads: 4 at R = 2, T = 128, top-8).
+constexpr int kIdBatch = 8;
 
 // One block per SM, shared among the ranks on the GPU: every block waits for
 // peers, so all ranks' blocks must be resident at once.
@@ -263,11 +266,26 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
     for (int q = tid; q < (R + 1) * El; q += kThreads) numbering[q] = 0;
     __syncthreads();
     const int64_t per_source = T * K;
-    for (int64_t j = tid; j < S; j += kThreads) {
-      const int32_t id = __ldcg(ids + j);
-      if (staged_ids != nullptr) staged_ids[j] = id;
-      if (id >= 0 && id < E && id / El == me) {
-        atomicAdd(&first_row[(j / per_source) * El + id % El], 1);
+    // kIdBatch loads in flight per thread before any shared-memory write: the
+    // compiler cannot move a load of `ids` (a generic pointer, which might
+    // point into shared memory) across the atomics, so one load per atomic
+    // put a round trip to L2 per id in a chain (S / kThreads of them).
+    for (int64_t j0 = tid; j0 < S; j0 += static_cast<int64_t>(kThreads) * kIdBatch) {
+      int32_t batch[kIdBatch];
+#pragma unroll
+      for (int u = 0; u < kIdBatch; ++u) {
+        const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+        batch[u] = j < S ? __ldcg(ids + j) : -1;
+      }
+#pragma unroll
+      for (int u = 0; u < kIdBatch; ++u) {
+        const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
+        const int32_t id = batch[u];
+        if (j >= S) break;
+        if (staged_ids != nullptr) staged_ids[j] = id;
+        if (id >= 0 && id < E && id / El == me) {
+          atomicAdd(&first_row[(j / per_source) * El + id % El], 1);
+        }
       }
     }
     __syncthreads();
