@@ -490,13 +490,17 @@ __device__ __forceinline__ void CombineSendPhase(const CombineSendArgs& a, int m
     // The group's previous bulk store must have read the stage.
     if (gtid == 0) BulkWaitRead<0>();
     if (gw == 0) {  // this token's copies here, in k order, with their weights
+      // The weight (a read across the link from the home rank's buffer, in
+      // bounds for every lane < K) is loaded beside the handle's slot, not
+      // after it: the two round trips overlap instead of adding up.
+      const float* w = At<const float>(home, reg.weights) + i * K;
+      const float wk = weighted && lane < K ? __ldcg(w + lane) : 1.f;
       const int32_t r = lane < K ? CopyRow(a.recv_slot, t * K + lane, y_rows) : -1;
       const unsigned have = __ballot_sync(kFullMask, r >= 0);
       if (r >= 0) {
         const int at = __popc(have & ((1u << lane) - 1u));
         copy_row[at] = r;
-        const float* w = At<const float>(home, reg.weights) + i * K;
-        copy_weight[at] = weighted ? __ldcg(w + lane) : 1.f;
+        copy_weight[at] = wk;
       }
       if (lane == 0) num_copies[group] = __popc(have);
     }
