@@ -146,6 +146,18 @@ __device__ int WaitReadyRun(int64_t v, int64_t end, int64_t step, IsReady is_rea
   }
 }
 
+// How far the last WaitReadyRun reached: a warp walking items v, v + step, ...
+// waits again only once it passes the end of the run it last saw ready.
+struct ReadyRuns {
+  int64_t until = 0;
+  template <class IsReady, class OnTimeout>
+  __device__ __forceinline__ void Wait(int64_t v, int64_t end, int64_t step, IsReady is_ready,
+                                       OnTimeout on_timeout, int64_t timeout_ns, int lane) {
+    if (v < until) return;
+    until = v + step * WaitReadyRun(v, end, step, is_ready, on_timeout, timeout_ns, lane);
+  }
+};
+
 // Within rows [a, z), whose values `row_token` ascend (tokens, or source ranks),
 // the first row whose value is >= t.
 __device__ __forceinline__ int64_t FirstRowFrom(const int32_t* row_token, int64_t a, int64_t z,
@@ -410,6 +422,20 @@ __device__ void ZeroPadding(int64_t valid, int64_t M, int64_t row_bytes, int K, 
   }
 }
 
+// Waits (the calling warp) until blocks [0, nb) of this op have published
+// their counts in the header (block_flags[bb] == seq).
+__device__ __forceinline__ void WaitBlocksPublished(const GroupView& g, const uint32_t* block_flags,
+                                                    int nb, uint32_t seq, int me,
+                                                    int64_t timeout_ns, int lane) {
+  Deadline dl(timeout_ns);
+  for (int bb = lane; bb < nb; bb += 32) {
+    while (LoadAcquireGpuU32(block_flags + bb) != seq) {
+      if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
+    }
+  }
+  __syncwarp();
+}
+
 // Per-rank sums of the header's block counts over blocks [0, nb), into the
 // warp's shared `sum[kMaxRanks]`: the lanes split the (block, rank) words, so
 // the loads go out in one round (one lane adding nb counts one after another
@@ -529,13 +555,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane < R && lane != me) {
         WaitHello(g, own, par, lane, hello, kOpDispatch, me, seq, a.timeout_ns);
       }
-      Deadline dl(a.timeout_ns);
-      for (int bb = lane; bb < b; bb += 32) {
-        while (LoadAcquireGpuU32(block_flags + bb) != seq) {
-          if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
-        }
-      }
-      __syncwarp();
+      WaitBlocksPublished(g, block_flags, b, seq, me, a.timeout_ns, lane);
       push_trace.Mark("hellos");
       SumBlockCounts(block_counts, b, R, lane, s_pre);
       int base[kMaxRanks];  // this rank's rows to d before the tile: blocks before this one first
@@ -596,13 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (warp == kFirstDrainWarp) {
       if (b == 0) {
         // The totals, checked against the layout, to every rank.
-        Deadline dl(a.timeout_ns);
-        for (int bb = lane; bb < G; bb += 32) {
-          while (LoadAcquireGpuU32(block_flags + bb) != seq) {
-            if (dl.Expired()) Fail(g, kFaultTimeout, kOpDispatch, me, me, kOpNone, seq);
-          }
-        }
-        __syncwarp();
+        WaitBlocksPublished(g, block_flags, G, seq, me, a.timeout_ns, lane);
         SumBlockCounts(block_counts, G, R, lane, s_total);
         int bad = 0;
         if (lane < R && a.num_tokens_per_rank != nullptr && a.num_tokens_per_rank[lane] != s_total[lane]) {
@@ -733,9 +747,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         return r;
       };
       auto next = [](int64_t v) { return v; };
-      int64_t ready_until = 0;
+      ReadyRuns runs;
       auto ready = [&](int64_t v) {
-        if (v < ready_until) return;
         auto is_ready = [&](int64_t item) {
           int s;
           int64_t slot;
@@ -748,8 +761,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           where(v, &slot, &s);
           Fail(g, kFaultTimeout, kOpDispatch, me, s, kOpNone, seq);
         };
-        ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
-                                                    a.timeout_ns, lane);
+        runs.Wait(v, win.total, kCopyWarps, is_ready, timeout, a.timeout_ns, lane);
       };
       auto src_row = [&](int64_t v) {
         int s;
@@ -899,9 +911,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint64_t* flags = At<uint64_t>(own, reg.flags);
     const float* meta_base = At<float>(own, reg.stage_meta);
     auto next = [](int64_t v) { return v; };
-    int64_t ready_until = 0;
+    ReadyRuns runs;
     auto ready = [&](int64_t v) {
-      if (v < ready_until) return;
       auto is_ready = [&](int64_t item) {
         int s;
         const int64_t r = win.Row(item, &s);
@@ -917,8 +928,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         win.Row(v, &s);
         Fail(g, kFaultTimeout, kOpCachedDispatch, me, s, kOpNone, seq);
       };
-      ready_until = v + kCopyWarps * WaitReadyRun(v, win.total, kCopyWarps, is_ready, timeout,
-                                                  a.timeout_ns, lane);
+      runs.Wait(v, win.total, kCopyWarps, is_ready, timeout, a.timeout_ns, lane);
     };
     auto src_row = [&](int64_t v) {
       int s;
@@ -1087,7 +1097,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t n16 = row_bytes / 16;
     // Token m of this warp (i = first + m * kReduceWarps) can be summed once
     // every peer's copy of it has arrived.
-    int64_t ready_until = 0;
+    ReadyRuns runs;
     auto token_ready = [&](int64_t m) {
       const int64_t i = first + m * kReduceWarps;
       for (int d = 0; d < R; ++d) {
@@ -1103,7 +1113,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       return true;
     };
     auto wait_token = [&](int64_t m) {
-      if (m < ready_until) return;
       auto timeout = [&] {
         const int64_t i = first + m * kReduceWarps;
         int late = me;
@@ -1116,7 +1125,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         Fail(g, kFaultTimeout, kOpCombine, me, late, kOpNone, seq);
       };
-      ready_until = m + WaitReadyRun(m, num_tokens, 1, token_ready, timeout, a.timeout_ns, lane);
+      runs.Wait(m, num_tokens, 1, token_ready, timeout, a.timeout_ns, lane);
     };
     for (int64_t m = 0; m < num_tokens; ++m) {
       wait_token(m);

@@ -51,9 +51,8 @@ def main():
       buf = jax_ep.Buffer(mesh, "ep", backend="cuda" if on_cuda else backend,
                           num_nvl_bytes=jax_ep.Buffer.get_buffer_size_hint(
                               n, 128, R, K, jnp.bfloat16) if on_cuda else None)
-      kernel = getattr(buf._backend, "layout_kernel", buf._backend.layout)
-      layout = ((lambda idx: kernel(idx, E)) if backend == "cuda-kernel" else
-                (lambda idx: buf.get_dispatch_layout(idx, E)))
+      layout = ((lambda idx: buf._backend.layout_kernel(idx, E)) if backend == "cuda-kernel"
+                else (lambda idx: buf.get_dispatch_layout(idx, E)))
 
       def program(count):
         def f(*vs):
