@@ -159,22 +159,33 @@ JAX_EP_HD constexpr IntranodeRegions MakeIntranodeRegions(int64_t R, int64_t N, 
 //
 //   ll_flags   = header                        # u64 [R, T]: (seq << 32) | word, by (rank, token)
 //   ll_ids     = ll_flags + align(8 R T)       # i32 [R, T, K]: dispatch: each source's expert ids
-//   ll_weights = ll_ids + align(4 R T K)       # f32 [R, T, K]: cached dispatch: each source's
+//   ll_copy    = ll_ids + align(4 R T K)       # i32 [R, T, K]: dispatch: copy (s, i, k)'s place
+//                                              #   among source s's copies to its expert
+//   ll_counts  = ll_copy + align(4 R T K)      # u64 [R, E/R]: dispatch: (seq << 32) | copies
+//                                              #   source s sends our expert e (E <=
+//                                              #   kMaxLowLatencyExperts, so E-independent)
+//   ll_weights = ll_counts + align(8 Emax)     # f32 [R, T, K]: cached dispatch: each source's
 //                                              #   weights; combine: [T, K] this rank's own,
 //                                              #   which peers read
 //   ll_data    = ll_weights + align(4 R T K)   # dispatch: [R, T, row] rows by source;
 //                                              # combine: [R, T, H] f32 partial sums by expert rank
 //   LowLatencyBytesNeeded(R, T, K, data_row)   # data_row = max(dispatch row bytes, 4 H)
 struct LowLatencyRegions {
-  int64_t flags, ids, weights, data, bytes;
+  int64_t flags, ids, copy_index, counts, weights, data, bytes;
 };
+
+// Experts the low-latency ops take: bounds the dispatch's per-expert counts
+// region (8 bytes an expert), so the buffer size does not depend on E.
+constexpr int64_t kMaxLowLatencyExperts = 8192;
 
 JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T, int64_t K,
                                                            int64_t data_row_bytes) {
   LowLatencyRegions l{};
   l.flags = kHeaderBytes;
   l.ids = l.flags + AlignUp(8 * R * T);
-  l.weights = l.ids + AlignUp(4 * R * T * K);
+  l.copy_index = l.ids + AlignUp(4 * R * T * K);
+  l.counts = l.copy_index + AlignUp(4 * R * T * K);
+  l.weights = l.counts + AlignUp(8 * kMaxLowLatencyExperts);
   l.data = l.weights + AlignUp(4 * R * T * K);
   l.bytes = l.data + AlignUp(R * T * data_row_bytes);
   return l;
@@ -185,6 +196,8 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
 // kMaxLowLatencyHidden; the dispatch receive numbers copies in (R + 1) * E/R ints.
 constexpr int64_t kMaxLowLatencySmem = kMaxSmemBytes - 1024;
 constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencySmem / 8;
+// (R + 1) * E/R <= 2E ints: the dispatch's numbering always fits.
+static_assert(8 * kMaxLowLatencyExperts <= kMaxLowLatencySmem, "low-latency numbering smem");
 
 JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
                                                   int64_t data_row_bytes) {

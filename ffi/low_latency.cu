@@ -7,12 +7,14 @@
 // Dispatch. The send phase writes each token's row once into every rank that
 // holds any of its experts (a row per (token, rank), not per (token, k): the
 // receiver makes the copies, so only distinct rows cross the link), together
-// with the token's ids, at slot (source rank, token) of that rank's buffer, and
-// flags the slot. Tokens a rank does not need still get their ids and flag
-// there, so the receiver hears from every slot of every source. The receive
-// phase waits for all R*T flags, numbers each local expert's copies in
-// (source, token, k) order (one block per expert, a block-wide prefix sum over
-// the ids) and copies the rows into recv_x, grouped by expert.
+// with the token's ids and each copy's place among this rank's copies to its
+// expert, at slot (source rank, token) of that rank's buffer, and flags the
+// slot; right after the hellos, each rank also gets our per-expert copy counts.
+// Tokens a rank does not need still get their ids and flag there, so the
+// receiver hears from every slot of every source. The receive phase waits for
+// the counts (which give each source's first row per local expert), then
+// copies each row into recv_x, grouped by expert in (source, token, k) order,
+// as soon as its own flag is in.
 //
 // Combine. The send phase adds up, on the expert's rank, each token's local
 // copies weighted in float32 (the weights are read from the home rank's
@@ -61,9 +63,9 @@ constexpr int kSendUnroll = 4;
 // rounds there.)
 constexpr int kSumUnroll = 4;
 constexpr int kSumVecs = 2;
-// The dispatch receive's numbering: ids loaded per thread before counting
-// them (S = R*T*K ids over kThreads threads: 4 at R = 2, T = 128, top-8).
-constexpr int kIdBatch = 8;
+// The dispatch send numbers a token's copies kPlaceChunk ids at a time (each
+// thread compares every earlier id it loads with that many of the token's).
+constexpr int kPlaceChunk = 8;
 
 // One block per SM, shared among the ranks on the GPU: every block waits for
 // peers, so all ranks' blocks must be resident at once.
@@ -113,25 +115,59 @@ __device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, 
   return r >= 0 && r < y_rows ? r : -1;
 }
 
-// The dispatch receive's shared memory: (R + 1) * El ints of numbering, then,
-// where they fit, the S = R*T*K ids of every source (each block reads them all
-// for the numbering anyway), so that a warp counting the copies before its
-// slot reads shared memory instead of L2: up to T*K/32 loads per lane, the
-// last step of the receive (the trace had 2-5 us between a block's copies and
-// its end).
-JAX_EP_HD constexpr bool IdsInSmem(int64_t R, int64_t El, int64_t S) {
-  return 4 * ((R + 1) * El + S) <= kMaxLowLatencySmem;
+// ---------------------------------------------------------------------------
+// Dispatch, send: task (token i, rank d) per group of warps.
+// ---------------------------------------------------------------------------
+// The sender numbers its own copies, so that a receiver can place a row as
+// soon as it lands, knowing only each source's per-expert totals (the
+// counts, which go out first), not every source's ids. (Until 2026-11-26 the
+// receiver numbered the copies from every source's ids once all rows were in:
+// ~2.6 us, and no copy could start before the last row landed.)
+//
+// NumberToken: the place of copy (i, k) among this rank's copies to the same
+// expert = the slots before (i, k), in (token, k) order, holding the same id.
+// The whole group counts them over topk_idx (an operand, readable before the
+// hellos), into parts[warp][k], one sum per warp; the group's barrier ends it.
+__device__ __forceinline__ void NumberToken(const int32_t* topk_idx, int64_t i, int K, int gw,
+                                            int lane, int group, int (*parts)[kMaxTopK]) {
+  const int gtid = gw * 32 + lane;
+  const int64_t first = i * K;  // token i's first slot
+  for (int kc = 0; kc < K; kc += kPlaceChunk) {
+    int32_t want[kPlaceChunk];
+    int before[kPlaceChunk];
+#pragma unroll
+    for (int u = 0; u < kPlaceChunk; ++u) {
+      want[u] = kc + u < K ? __ldg(topk_idx + first + kc + u) : -1;
+      before[u] = 0;
+    }
+    // Slots before (i, kc + u) for every u of the chunk.
+    const int64_t end = first + min(K, kc + kPlaceChunk) - 1;
+    for (int64_t q = gtid; q < end; q += kGroupThreads) {
+      const int32_t id = __ldg(topk_idx + q);
+#pragma unroll
+      for (int u = 0; u < kPlaceChunk; ++u) before[u] += id == want[u] && q < first + kc + u;
+    }
+#pragma unroll
+    for (int u = 0; u < kPlaceChunk; ++u) {
+      const int sum = __reduce_add_sync(kFullMask, before[u]);
+      if (lane == 0 && kc + u < K) parts[gw][kc + u] = sum;
+    }
+  }
+  GroupBarrier(1 + group, kGroupThreads);
 }
 
-// ---------------------------------------------------------------------------
-// Dispatch, send: task (token i, rank d) per warp.
-// ---------------------------------------------------------------------------
+// kNumbered (the dispatch; not the cached dispatch, whose handle has the
+// places): the copies are numbered, and the last block sends each rank the
+// counts of our copies to its experts, (seq << 32) | count words in its
+// counts region, right after the hellos.
+template <bool kNumbered>
 __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int me, char* own,
                                                   uint32_t seq, uint32_t shape_hash,
                                                   PhaseTrace& trace) {
   const GroupView& g = a.group;
   const int op = kOpLowLatencyDispatch;
   const int R = g.num_ranks, lane = LaneId(), warp = WarpId();
+  const int tid = static_cast<int>(threadIdx.x);
   const int par = seq & 1;
   const uint64_t hello = PackHello(seq, op, shape_hash);
   const int64_t N = a.num_tokens, T = a.num_max_tokens, row_bytes = a.row_bytes;
@@ -146,6 +182,9 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   const int64_t v0 = min(n16, gw * part), nv = min(n16 - v0, part);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
   const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
+  const bool counts_block = kNumbered && blockIdx.x + 1 == gridDim.x;
+  __shared__ int place_parts[kGroups][kGroupWarps][kMaxTopK];
+  extern __shared__ int per_expert[];  // counts_block: [E], this rank's copies per expert
   // While the hellos cross the link, the L2 fetches the first task's ids and
   // row (operands, readable at once), which the task then loads first thing.
   if (lane == 0 && first_task < T * R && first_task / R < N) {
@@ -154,16 +193,37 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
     if (gw == 0 && K % 4 == 0) PrefetchL2(a.topk_idx + i * K, static_cast<uint32_t>(4 * K));
   }
   if (blockIdx.x == 0) {
-    if (threadIdx.x == 0) *a.ticket = seq;
+    if (tid == 0) *a.ticket = seq;
     ResetFlags(At<uint64_t>(own, reg.flags), R * T, seq);
+    if (kNumbered) ResetFlags(At<uint64_t>(own, reg.counts), E, seq);
     __syncthreads();
     if (warp == 0) SendHellos(g, par, me, hello, lane, /*self=*/true);
+  }
+  // Work that needs no peer, while the hellos cross: the counts, and the
+  // first task's places.
+  if (counts_block) {
+    for (int q = tid; q < E; q += kThreads) per_expert[q] = 0;
+    __syncthreads();
+    for (int64_t j = tid; j < N * K; j += kThreads) {
+      const int32_t id = __ldg(a.topk_idx + j);
+      if (id >= 0 && id < E) atomicAdd(&per_expert[id], 1);
+    }
+    __syncthreads();
+  }
+  if (kNumbered && first_task < T * R && first_task / R < N) {
+    NumberToken(a.topk_idx, first_task / R, K, gw, lane, group, place_parts[group]);
   }
   // Our own hello too: the tasks for this rank write our flags, which block 0
   // resets first.
   if (warp == 0 && lane < R) WaitHello(g, own, par, lane, hello, op, me, seq, a.timeout_ns);
   __syncthreads();
   trace.Mark("hello");
+  if (counts_block) {
+    for (int q = tid; q < E; q += kThreads) {
+      StoreRelaxedSysU64(At<uint64_t>(PeerAt(g, q / El), reg.counts) + me * El + q % El,
+                         FlagValue(seq, per_expert[q]));
+    }
+  }
 
   for (int64_t t = first_task; t < T * R; t += step) {
     const bool traced = t == first_task;  // the tracer's first task, step by step
@@ -171,6 +231,9 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
     const int d = static_cast<int>(t % R);
     char* dst = PeerAt(g, d);
     const int64_t slot0 = (me * T + i) * K;
+    if (kNumbered && t != first_task && i < N) {
+      NumberToken(a.topk_idx, i, K, gw, lane, group, place_parts[group]);
+    }
     bool routed = false;
     for (int k0 = 0; k0 < K; k0 += 32) {
       const int k = k0 + lane;
@@ -179,6 +242,14 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
         if (i < N) id = __ldg(a.topk_idx + i * K + k);
         if (gw == 0) {
           At<int32_t>(dst, reg.ids)[slot0 + k] = id;
+          if (kNumbered) {
+            int place = 0;
+            if (i < N) {
+#pragma unroll
+              for (int w = 0; w < kGroupWarps; ++w) place += place_parts[group][w][k];
+            }
+            At<int32_t>(dst, reg.copy_index)[slot0 + k] = place;
+          }
           if (a.weights != nullptr) {
             At<float>(dst, reg.weights)[slot0 + k] = i < N ? __ldg(a.weights + i * K + k) : 0.f;
           }
@@ -215,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Entry entry = CheckedEntry(a.group, a.rank, op);
   trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  DispatchSendPhase(a, entry.rank, entry.own, seq, shape_hash, trace);
+  DispatchSendPhase</*kNumbered=*/true>(a, entry.rank, entry.own, seq, shape_hash, trace);
   const uint32_t pending[2] = {seq, static_cast<uint32_t>(op)};
   FinishOp(entry.own, seq, pending);
   trace.Mark("finish");
@@ -239,14 +310,7 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
   const int64_t S = rows * K;  // slots
   const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, row_bytes);
 
-  // Every slot of every source has arrived (each block reads all the ids).
   const uint64_t* flags = At<uint64_t>(own, reg.flags);
-  for (int64_t f = tid; f < rows; f += kThreads) {
-    WaitFlag(g, flags + f, seq, op, me, static_cast<int>(f / T), a.timeout_ns);
-  }
-  __syncthreads();
-  trace.Mark("flags");
-
   const int32_t* ids = At<const int32_t>(own, reg.ids);
   const float* slot_weights = At<const float>(own, reg.weights);
   const char* arrived = own + reg.data;
@@ -254,43 +318,19 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
   char* recv_tail = static_cast<char*>(a.recv_tail);
   const int64_t head16 = a.head_bytes / 16, tail4 = recv_tail != nullptr ? a.tail_bytes / 4 : 0;
   if constexpr (!kCached) {
-    // Numbering: each local expert's copies in (source, token, k) order. Every
-    // block counts the copies per (source, expert) in shared memory and turns
-    // the counts into each source's first row per expert; a copy's row is its
-    // source's first row plus the copies of that expert before it among its
-    // source's slots, which the warp that moves it counts itself. No block
-    // waits for another, and the copies spread over every warp of the grid.
-    // (A block-wide prefix sum per expert, one expert per block in turn, took
-    // 2-2.5 us at R = 2 and left the blocks past E/R idle while others copied.)
-    extern __shared__ int numbering[];  // [R][El] first rows, [El] totals, [S] ids (IdsInSmem)
+    // Placing: copy (s, i, k) of local expert e goes to row first_row[s][e] +
+    // its place among source s's copies to e (the sender's numbering), where
+    // first_row[s][e] adds up the counts of the sources before s. The counts
+    // (E words from each source, sent right after the hellos) are all a
+    // block waits for before copying; then each row is copied as soon as its
+    // own flag is in, while later rows still cross the link.
+    extern __shared__ int numbering[];  // [R][El] first rows, then [El] totals
     int* first_row = numbering;
     int* total = numbering + R * El;
-    int32_t* staged_ids = IdsInSmem(R, El, S) ? numbering + (R + 1) * El : nullptr;
-    auto id_at = [&](int64_t j) { return staged_ids != nullptr ? staged_ids[j] : __ldcg(ids + j); };
-    for (int q = tid; q < (R + 1) * El; q += kThreads) numbering[q] = 0;
-    __syncthreads();
-    const int64_t per_source = T * K;
-    // kIdBatch loads in flight per thread before any shared-memory write: the
-    // compiler cannot move a load of `ids` (a generic pointer, which might
-    // point into shared memory) across the atomics, so one load per atomic
-    // put a round trip to L2 per id in a chain (S / kThreads of them).
-    for (int64_t j0 = tid; j0 < S; j0 += static_cast<int64_t>(kThreads) * kIdBatch) {
-      int32_t batch[kIdBatch];
-#pragma unroll
-      for (int u = 0; u < kIdBatch; ++u) {
-        const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
-        batch[u] = j < S ? __ldcg(ids + j) : -1;
-      }
-#pragma unroll
-      for (int u = 0; u < kIdBatch; ++u) {
-        const int64_t j = j0 + static_cast<int64_t>(u) * kThreads;
-        const int32_t id = batch[u];
-        if (j >= S) break;
-        if (staged_ids != nullptr) staged_ids[j] = id;
-        if (id >= 0 && id < E && id / El == me) {
-          atomicAdd(&first_row[(j / per_source) * El + id % El], 1);
-        }
-      }
+    __syncthreads();  // the send phase's per-expert counts (the last block) used this memory
+    const uint64_t* counts = At<const uint64_t>(own, reg.counts);
+    for (int q = tid; q < R * El; q += kThreads) {
+      first_row[q] = static_cast<int>(WaitFlag(g, counts + q, seq, op, me, q / El, a.timeout_ns));
     }
     __syncthreads();
     for (int e = tid; e < El; e += kThreads) {
@@ -303,35 +343,8 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       total[e] = run;
     }
     __syncthreads();
-    trace.Mark("numbered");
-    const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp; j < S; j += nwarps) {
-      const int32_t id = id_at(j);
-      int64_t r = -1;
-      if (id >= 0 && id < E && id / El == me) {
-        const int e = id % El;
-        const int64_t s = j / per_source;
-        int before = 0;
-        for (int64_t q = s * per_source + lane; q < j; q += 32) before += id_at(q) == id;
-        const int64_t p = first_row[s * El + e] + __reduce_add_sync(kFullMask, before);
-        if (p < rows) r = e * rows + p;  // else past R*T copies (an id repeated): dropped
-      }
-      if (lane == 0) {
-        a.recv_slot[j] = static_cast<int32_t>(r);  // -1: another rank's expert, or none
-        if (r >= 0) a.src_slot[r] = static_cast<int32_t>(j);
-      }
-      if (r < 0) continue;
-      const char* src_row = arrived + (j / K) * row_bytes;
-      WarpCopyRow<kCopyUnroll, true>(reinterpret_cast<int4*>(recv_x + r * a.head_bytes),
-                                     reinterpret_cast<const int4*>(src_row), head16, lane);
-      if (recv_tail != nullptr) {
-        float* tail = reinterpret_cast<float*>(recv_tail + r * a.tail_bytes);
-        const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
-        for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
-      }
-    }
-    trace.Mark("copy");
-    // Rows past each expert's count, and the counts.
+    trace.Mark("counts");
+    // Rows past each expert's count, and the counts: known before any row.
     for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + tid; q < El * rows;
          q += static_cast<int64_t>(gridDim.x) * kThreads) {
       if (q % rows >= min(static_cast<int64_t>(total[q / rows]), rows)) a.src_slot[q] = -1;
@@ -341,7 +354,45 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
         a.recv_count[e] = static_cast<int32_t>(min(static_cast<int64_t>(total[e]), rows));
       }
     }
+    // A warp per slot, in (token, source, k) order: the senders push tokens
+    // in about that order, so the first warps' rows land first.
+    const int32_t* copy_index = At<const int32_t>(own, reg.copy_index);
+    const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
+    for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp; w < S; w += nwarps) {
+      const int64_t i = w / (R * K);
+      const int s = static_cast<int>((w / K) % R), k = static_cast<int>(w % K);
+      const int64_t from = s * T + i;  // the row's slot: source s, token i
+      const int64_t j = from * K + k;
+      WaitFlag(g, flags + from, seq, op, me, s, a.timeout_ns);
+      const int32_t id = __ldcg(ids + j);
+      int64_t r = -1;
+      if (id >= 0 && id < E && id / El == me) {
+        const int e = id % El;
+        const int64_t p = static_cast<int64_t>(first_row[s * El + e]) + __ldcg(copy_index + j);
+        if (p >= 0 && p < rows) r = e * rows + p;  // else past R*T copies (an id repeated): dropped
+      }
+      if (lane == 0) {
+        a.recv_slot[j] = static_cast<int32_t>(r);  // -1: another rank's expert, or none
+        if (r >= 0) a.src_slot[r] = static_cast<int32_t>(j);
+      }
+      if (r < 0) continue;
+      const char* src_row = arrived + from * row_bytes;
+      WarpCopyRow<kCopyUnroll, true>(reinterpret_cast<int4*>(recv_x + r * a.head_bytes),
+                                     reinterpret_cast<const int4*>(src_row), head16, lane);
+      if (recv_tail != nullptr) {
+        float* tail = reinterpret_cast<float*>(recv_tail + r * a.tail_bytes);
+        const float* src_tail = reinterpret_cast<const float*>(src_row + a.head_bytes);
+        for (int64_t v = lane; v < tail4; v += 32) tail[v] = __ldcg(src_tail + v);
+      }
+    }
+    trace.Mark("copy");
   } else {
+    // Every slot of every source has arrived.
+    for (int64_t f = tid; f < rows; f += kThreads) {
+      WaitFlag(g, flags + f, seq, op, me, static_cast<int>(f / T), a.timeout_ns);
+    }
+    __syncthreads();
+    trace.Mark("flags");
     // The handle's rows (src_slot_in), each cut into parts of one round of
     // loads per lane (32 * kCopyUnroll vectors); the block's experts in turn,
     // part j to warp j % kWarps, so every warp has bytes in flight even when
@@ -418,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Entry entry = CheckedEntry(s.group, s.rank, kOpLowLatencyDispatch);
   trace.Mark("entry");
   const uint32_t seq = entry.last_seq + 1;
-  DispatchSendPhase(s, entry.rank, entry.own, seq, shape_hash, trace);
+  DispatchSendPhase<!kCached>(s, entry.rank, entry.own, seq, shape_hash, trace);
   DispatchRecvPhase<kCached>(r, entry.rank, entry.own, seq, trace);
   FinishOp(entry.own, seq);
   trace.Mark("finish");
@@ -686,11 +737,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 cudaError_t Preload() {
   cudaFuncAttributes attr;
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchSendKernel));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
   // The combine's send may take the whole shared-memory budget for its stages,
-  // the dispatch receive's numbering as much for many experts.
+  // the dispatch's numbering as much for many experts.
   const int smem = static_cast<int>(kMaxLowLatencySmem);
+  JAX_EP_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(DispatchSendKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       DispatchRecvKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -718,15 +770,14 @@ uint32_t CombineHash(const CombineSendArgs& a) {
                     static_cast<int64_t>(a.row_type), a.weights != nullptr});
 }
 
-// The dispatch receive's numbering: per-(source, expert) first rows and per-
-// expert totals, (R + 1) * E/R ints, and the ids where they fit (IdsInSmem);
-// errors for more experts than fit.
-cudaError_t NumberingSmem(const DispatchRecvArgs& a, size_t* smem) {
-  const int64_t R = a.group.num_ranks, El = a.num_experts / std::max<int64_t>(1, R);
-  const int64_t S = R * a.num_max_tokens * a.num_topk;
-  *smem = static_cast<size_t>(4 * ((R + 1) * El + (IdsInSmem(R, El, S) ? S : 0)));
-  return static_cast<int64_t>(*smem) > kMaxLowLatencySmem ? cudaErrorInvalidValue
-                                                                 : cudaSuccess;
+// The dispatch's numbering: the receive's per-(source, expert) first rows and
+// per-expert totals, (R + 1) * E/R ints (the send's per-expert counts, E ints,
+// fit in them); errors for more experts than the cuda backend takes.
+cudaError_t NumberingSmem(int64_t R, int64_t E, size_t* smem) {
+  *smem = static_cast<size_t>(4 * (R + 1) * (E / std::max<int64_t>(1, R)));
+  return E > kMaxLowLatencyExperts || static_cast<int64_t>(*smem) > kMaxLowLatencySmem
+             ? cudaErrorInvalidValue
+             : cudaSuccess;
 }
 
 // A stage of H floats per task group (the combine's send); errors for a hidden too large.
@@ -737,7 +788,9 @@ cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
 }
 
 cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream) {
-  DispatchSendKernel<<<Grid(a.group), kThreads, 0, stream>>>(a, DispatchHash(a));
+  size_t smem = 0;
+  JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.group.num_ranks, a.num_experts, &smem));
+  DispatchSendKernel<<<Grid(a.group), kThreads, smem, stream>>>(a, DispatchHash(a));
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -747,7 +800,7 @@ cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaS
     DispatchKernel<true><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
   } else {
     size_t smem = 0;
-    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(r, &smem));
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(r.group.num_ranks, r.num_experts, &smem));
     DispatchKernel<false><<<Grid(s.group), kThreads, smem, stream>>>(s, r, DispatchHash(s));
   }
   JAX_EP_LAUNCH_CHECK();
@@ -759,7 +812,7 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
     DispatchRecvKernel<true><<<Grid(a.group), kThreads, 0, stream>>>(a);
   } else {
     size_t smem = 0;
-    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a, &smem));
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.group.num_ranks, a.num_experts, &smem));
     DispatchRecvKernel<false><<<Grid(a.group), kThreads, smem, stream>>>(a);
   }
   JAX_EP_LAUNCH_CHECK();

@@ -54,6 +54,10 @@ ffi::Error Decode(const char* op, int32_t device, const LowLatencyAttrs& at,
                            ") must be a positive multiple of num_ranks (" + std::to_string(R) +
                            ")");
   }
+  if (E > kMaxLowLatencyExperts) {
+    return Invalid(op, "num_experts (" + std::to_string(E) + ") must be at most " +
+                           std::to_string(kMaxLowLatencyExperts) + " on the cuda backend");
+  }
   JAX_EP_RETURN_IF_FFI_ERROR(FindGroup(op, at.buffer_id, device, R,
                                        LowLatencyBytesNeeded(R, T, K, data_row_bytes), g));
   return UseDevice(op, device);

@@ -60,6 +60,7 @@ NB_MODULE(_C, m) {
   m.attr("MAX_TOPK") = jax_ep::kMaxTopK;
   m.attr("MAX_SMS") = jax_ep::kMaxBlocks;
   m.attr("MAX_LOW_LATENCY_HIDDEN") = jax_ep::kMaxLowLatencyHidden;
+  m.attr("MAX_LOW_LATENCY_EXPERTS") = jax_ep::kMaxLowLatencyExperts;
 #ifdef JAX_EP_WITH_CUDA
   jax_ep::BindCuda(m);
 #endif

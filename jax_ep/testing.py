@@ -1174,14 +1174,18 @@ def check_low_latency(process, num_processes, *, seed=0, num_ranks=None, num_tok
 def check_low_latency_cases(process, num_processes, *, backend="cuda", large=True):
   """``check_low_latency`` over the GPU suite's configurations: bfloat16 with
   FP8, float32 with K = 3, one expert per rank with repeats (copies dropped
-  past R*T rows), and (with ``large``, R <= 2) DeepEP's decode shape."""
+  past R*T rows), more (token, rank) tasks than the send has warp groups (a
+  group numbers several tokens' copies, 2 * SMs groups on a GPU), and (with
+  ``large``, R <= 2) DeepEP's decode shape."""
   R = _global_mesh().size if num_processes > 1 else len(jax.devices())
   cases = [dict(seed=1, num_tokens=24, num_max_tokens=32, hidden=256, num_topk=4,
                 num_experts=4 * R),
            dict(seed=2, num_tokens=7, num_max_tokens=9, hidden=64, num_topk=3,
                 num_experts=2 * R, dtype="float32"),
            dict(seed=3, num_tokens=16, num_max_tokens=16, hidden=128, num_topk=4,
-                num_experts=2 * R, hot_fraction=0.6)]
+                num_experts=2 * R, hot_fraction=0.6),
+           dict(seed=5, num_tokens=300, num_max_tokens=320, hidden=128, num_topk=6,
+                num_experts=8 * R)]
   if large and R <= 2:
     cases.append(dict(seed=4, num_tokens=100, num_max_tokens=128, hidden=7168, num_topk=8,
                       num_experts=256))

@@ -427,6 +427,10 @@ class CudaLowLatency:
   def _attrs(self, *, num_experts, num_max_tokens, num_topk, has_weights=False):
     """``LowLatencyAttrs`` in ffi/low_latency_handlers.cc."""
     b = self._b
+    if num_experts > b._c.MAX_LOW_LATENCY_EXPERTS:
+      raise ValueError(f"jax_ep.low_latency ops: the cuda backend supports num_experts <= "
+                       f"{b._c.MAX_LOW_LATENCY_EXPERTS} (the dispatch sends per-expert "
+                       f"counts), got {num_experts}.")
     return dict(buffer_id=np.int64(b.buffer_id), num_ranks=np.int64(self.num_ranks),
                 num_experts=np.int64(num_experts), num_max_tokens=np.int64(num_max_tokens),
                 num_topk=np.int64(num_topk), timeout_ns=np.int64(b.timeout_ns),
