@@ -196,8 +196,10 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
 // kMaxLowLatencyHidden; the dispatch receive numbers copies in (R + 1) * E/R ints.
 constexpr int64_t kMaxLowLatencySmem = kMaxSmemBytes - 1024;
 constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencySmem / 8;
-// (R + 1) * E/R <= 2E ints: the dispatch's numbering always fits.
-static_assert(8 * kMaxLowLatencyExperts <= kMaxLowLatencySmem, "low-latency numbering smem");
+// The dispatch's numbering: (R + 1) * E/R <= 2E ints. Its kernels keep the
+// rest of the budget for their static shared memory.
+constexpr int64_t kMaxLowLatencyNumberingSmem = 8 * kMaxLowLatencyExperts;
+static_assert(kMaxLowLatencyNumberingSmem + 8 * 1024 <= kMaxSmemBytes, "low-latency smem");
 
 JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
                                                   int64_t data_row_bytes) {

@@ -738,15 +738,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 cudaError_t Preload() {
   cudaFuncAttributes attr;
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, DispatchRecvKernel<true>));
-  // The combine's send may take the whole shared-memory budget for its stages,
-  // the dispatch's numbering as much for many experts.
+  // The combine's send may take the whole shared-memory budget for its stages;
+  // the dispatch's numbering up to kMaxLowLatencyNumberingSmem (its kernels
+  // have static shared memory too, which counts against the same budget).
   const int smem = static_cast<int>(kMaxLowLatencySmem);
-  JAX_EP_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(DispatchSendKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int numbering = static_cast<int>(kMaxLowLatencyNumberingSmem);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      DispatchRecvKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      DispatchSendKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, numbering));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-      DispatchKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      DispatchRecvKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, numbering));
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      DispatchKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, numbering));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       CombineSendKernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -775,7 +777,7 @@ uint32_t CombineHash(const CombineSendArgs& a) {
 // fit in them); errors for more experts than the cuda backend takes.
 cudaError_t NumberingSmem(int64_t R, int64_t E, size_t* smem) {
   *smem = static_cast<size_t>(4 * (R + 1) * (E / std::max<int64_t>(1, R)));
-  return E > kMaxLowLatencyExperts || static_cast<int64_t>(*smem) > kMaxLowLatencySmem
+  return E > kMaxLowLatencyExperts || static_cast<int64_t>(*smem) > kMaxLowLatencyNumberingSmem
              ? cudaErrorInvalidValue
              : cudaSuccess;
 }
