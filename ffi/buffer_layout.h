@@ -159,9 +159,9 @@ JAX_EP_HD constexpr IntranodeRegions MakeIntranodeRegions(int64_t R, int64_t N, 
 //
 //   ll_flags   = header                        # u64 [R, T]: (seq << 32) | word, by (rank, token)
 //   ll_ids     = ll_flags + align(8 R T)       # i32 [R, T, K]: dispatch: each source's expert ids
-//   ll_copy    = ll_ids + align(4 R T K)       # i32 [R, T, K]: dispatch: copy (s, i, k)'s place
+//   ll_copy_index = ll_ids + align(4 R T K)    # i32 [R, T, K]: dispatch: copy (s, i, k)'s place
 //                                              #   among source s's copies to its expert
-//   ll_counts  = ll_copy + align(4 R T K)      # u64 [R, E/R]: dispatch: (seq << 32) | copies
+//   ll_counts  = ll_copy_index + align(4 R T K)  # u64 [R, E/R]: dispatch: (seq << 32) | copies
 //                                              #   source s sends our expert e (E <=
 //                                              #   kMaxLowLatencyExperts, so E-independent)
 //   ll_weights = ll_counts + align(8 Emax)     # f32 [R, T, K]: cached dispatch: each source's

@@ -120,7 +120,7 @@ __device__ __forceinline__ int32_t CopyRow(const int32_t* recv_slot, int64_t j, 
 // ---------------------------------------------------------------------------
 // The sender numbers its own copies, so that a receiver can place a row as
 // soon as it lands, knowing only each source's per-expert totals (the
-// counts, which go out first), not every source's ids. (Until 2026-11-26 the
+// counts, sent right after the hellos), not every source's ids. (Until 2026-11-26 the
 // receiver numbered the copies from every source's ids once all rows were in:
 // ~2.6 us, and no copy could start before the last row landed.)
 //
