@@ -1058,8 +1058,8 @@ def check_low_latency(process, num_processes, *, seed=0, num_ranks=None, num_tok
   One jitted program per rank runs: dispatch (rows bit for bit in (source rank,
   token, k) order, counts, the handle's slots), combine with NaN/Inf in the rows
   past the counts (they must not leak), the split (return_recv_hook) forms of
-  both (identical results), FP8 dispatch (the sender's quantized bytes and
-  scales, when hidden % 128 == 0), and the gradients of
+  both (identical results), FP8 dispatch, plain and split (the sender's
+  quantized bytes and scales, when hidden % 128 == 0), and the gradients of
   ``sum(combine(2 * dispatch(x), w) * g)`` in x and w (autodiff's weighted
   dispatch and unweighted combine), all against NumPy. Routings have -1,
   out-of-range ids and repeated experts within a token; ``hot_fraction`` of the
@@ -1112,7 +1112,9 @@ def check_low_latency(process, num_processes, *, seed=0, num_ranks=None, num_tok
     res = (recv_x, count, h.src_slot, h.recv_slot, out, recv_x2, count2, out2, gx, gw)
     if fp8:
       (q, sc), count3, _ = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True)
-      res = res + (u8(q), sc, count3)
+      _, recv_fp8 = buf.low_latency_dispatch(x, idx, T, E, use_fp8=True, return_recv_hook=True)
+      (q4, sc4), count4, _ = recv_fp8()
+      res = res + (u8(q), sc, count3, u8(q4), sc4, count4)
     return tuple(r[None] for r in res)
 
   fn = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
@@ -1157,13 +1159,16 @@ def check_low_latency(process, num_processes, *, seed=0, num_ranks=None, num_tok
     np.testing.assert_allclose(gx, gx_ref[rank], rtol=1e-5, atol=1e-5, err_msg=where + " grad x")
     np.testing.assert_allclose(gw, gw_ref[rank], rtol=1e-5, atol=1e-4, err_msg=where + " grad w")
     if fp8:
-      qb, sc, count3 = got[10:]
+      qb, sc, count3, qb4, sc4, count4 = got[10:]
       np.testing.assert_array_equal(count3, e_ref["recv_count"], where)
+      np.testing.assert_array_equal(count4, e_ref["recv_count"], where + " fp8 split form")
       for e, lst in enumerate(e_ref["recv_src"]):
         for r, (s, i, _) in enumerate(lst):
           q_ref, s_ref = reference_quantize_fp8(xs[s][i])
-          np.testing.assert_array_equal(qb[e, r], q_ref.view(np.uint8), f"{where} fp8")
-          np.testing.assert_array_equal(sc[e, r], s_ref, f"{where} fp8 scales")
+          for q_got, s_got, form in ((qb, sc, ""), (qb4, sc4, " (split form)")):
+            np.testing.assert_array_equal(q_got[e, r], q_ref.view(np.uint8),
+                                          f"{where} fp8{form}")
+            np.testing.assert_array_equal(s_got[e, r], s_ref, f"{where} fp8 scales{form}")
   buf.destroy()
   copies = sum(len(l) for r in ref for l in r["recv_src"])
   routed = sum(int((_valid(i, E)).sum()) for i in idxs)
