@@ -362,9 +362,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------
-// Dispatch, receive: local expert per block. kCached: the routing comes from
-// the handle (src_slot), rows past the count are zeros, and copies may be
-// scaled by their weights (the transpose of a weighted combine).
+// Dispatch, receive: a warp per slot (s, i, k), placed by the counts and the
+// sender's numbering. kCached: the routing comes from the handle (src_slot),
+// each block moves its local experts' rows, rows past the count are zeros, and
+// copies may be scaled by their weights (the transpose of a weighted combine).
 // ---------------------------------------------------------------------------
 template <bool kCached>
 __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int me, char* own,
