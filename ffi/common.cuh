@@ -212,6 +212,19 @@ __device__ __forceinline__ void GroupArrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Copies per expert: counts the valid ids (in [0, num_experts)) of slots
+// tid, tid + stride, ... below num_slots of topk_idx into `hist` (shared or
+// global memory), atomically. The layout kernel and the low-latency
+// dispatch's per-expert counts both use it.
+__device__ __forceinline__ void CountExpertSlots(const int32_t* __restrict__ topk_idx,
+                                                 int64_t num_slots, int num_experts, int* hist,
+                                                 int64_t tid, int64_t stride) {
+  for (int64_t s = tid; s < num_slots; s += stride) {
+    const int e = __ldg(topk_idx + s);
+    if (e >= 0 && e < num_experts) atomicAdd(hist + e, 1);
+  }
+}
+
 // Generic-proxy shared-memory writes -> later bulk stores that read them.
 __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

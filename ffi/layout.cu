@@ -33,11 +33,7 @@ __device__ __forceinline__ void CountSlots(const int32_t* __restrict__ topk_idx,
                                            int64_t stride) {
   const int experts_per_rank = num_experts / num_ranks;
   // Expert histogram over (token, k) slots.
-  const int64_t num_slots = num_tokens * num_topk;
-  for (int64_t s = tid; s < num_slots; s += stride) {
-    const int e = __ldg(topk_idx + s);
-    if (e >= 0 && e < num_experts) atomicAdd(expert_hist + e, 1);
-  }
+  CountExpertSlots(topk_idx, num_tokens * num_topk, num_experts, expert_hist, tid, stride);
   // Token->rank mask and rank histogram over (token, rank) pairs.
   const int64_t num_pairs = num_tokens * num_ranks;
   for (int64_t p = tid; p < num_pairs; p += stride) {

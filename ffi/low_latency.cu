@@ -268,10 +268,7 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   if (counts_block) {
     for (int q = tid; q < E; q += kThreads) per_expert[q] = 0;
     __syncthreads();
-    for (int64_t j = tid; j < N * K; j += kThreads) {
-      const int32_t id = __ldg(a.topk_idx + j);
-      if (id >= 0 && id < E) atomicAdd(&per_expert[id], 1);
-    }
+    CountExpertSlots(a.topk_idx, N * K, E, per_expert, tid, kThreads);
     __syncthreads();
   }
   if (kNumbered && first_task < T * R && first_task / R < N) {
@@ -843,12 +840,12 @@ uint32_t CombineHash(const CombineSendArgs& a) {
 
 // The dispatch's numbering: the receive's per-(source, expert) first rows and
 // per-expert totals, (R + 1) * E/R ints (the send's per-expert counts, E ints,
-// fit in them); errors for more experts than the cuda backend takes.
+// fit in them); errors past the kernels' budget (the handlers' Decode already
+// refuses more than kMaxLowLatencyExperts experts, which keeps within it).
 cudaError_t NumberingSmem(int64_t R, int64_t E, size_t* smem) {
   *smem = static_cast<size_t>(4 * (R + 1) * (E / std::max<int64_t>(1, R)));
-  return E > kMaxLowLatencyExperts || static_cast<int64_t>(*smem) > kMaxLowLatencyNumberingSmem
-             ? cudaErrorInvalidValue
-             : cudaSuccess;
+  return static_cast<int64_t>(*smem) > kMaxLowLatencyNumberingSmem ? cudaErrorInvalidValue
+                                                                    : cudaSuccess;
 }
 
 // A stage of H floats per task group (the combine's send); errors for a hidden too large.
