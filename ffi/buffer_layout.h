@@ -35,6 +35,10 @@ namespace jax_ep {
 
 constexpr int kMaxRanks = 8;
 constexpr int kMaxTopK = 32;
+// FP8 rows (jax_ep/fp8.py): one float32 scale per kFp8Block values, e4m3fn's
+// largest finite value kFp8Max.
+constexpr int kFp8Block = 128;
+constexpr float kFp8Max = 448.0f;
 // Thread blocks of a peer kernel (num_sms); bounds the header's scan scratch.
 constexpr int kMaxBlocks = 64;
 constexpr int64_t kHeaderBytes = 4096;

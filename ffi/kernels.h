@@ -146,14 +146,19 @@ cudaError_t Preload();
 namespace low_latency {
 struct DispatchSendArgs {
   GroupView group;
-  const void* x;            // [N, row_bytes]
+  const void* x;            // [N, x_row_bytes]
   const int32_t* topk_idx;  // [N, K] global expert ids (outside [0, E): none)
   const float* weights;     // [N, K], or null (the cached dispatch of autodiff)
   const int32_t* rank;      // [] device scalar
   uint32_t* ticket;         // [] the op's sequence number, for the receive
   int64_t num_tokens;       // N <= T
   int64_t num_max_tokens;   // T
-  int64_t row_bytes;        // multiple of 16
+  int64_t row_bytes;        // a row as it crosses: a multiple of 16
+  int64_t x_row_bytes;      // a row of x: row_bytes, or 2 * fp8_hidden
+  // > 0: x is bfloat16 [N, fp8_hidden], quantized to FP8 while it is sent (a
+  // row crosses as its fp8_hidden e4m3 bytes, then its fp8_hidden / 128
+  // float32 scales, as jax_ep.fp8.pack_rows lays them out); 0: rows move as they are.
+  int64_t fp8_hidden;
   int num_topk, num_experts;
   int64_t timeout_ns;
 };

@@ -32,6 +32,9 @@
 // refuses to start while a receive is pending (CheckedEntry), so nothing can
 // overwrite rows in flight. A plain op (one kernel) marks nothing.
 #include <algorithm>
+#include <cfloat>
+
+#include <cuda_fp8.h>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -84,6 +87,61 @@ __device__ __forceinline__ void WarpScaleRow(int4* dst, const int4* src, float w
 #pragma unroll
     for (int e = 0; e < Traits::kElems; ++e) f[e] = __fmul_rn(w, f[e]);
     Store16(dst + j, Traits::Pack(f));
+  }
+}
+
+// max that keeps a NaN, as XLA's max does (fmaxf drops it).
+__device__ __forceinline__ float NanMax(float a, float b) { return a != a || a > b ? a : b; }
+
+// A warp quantizes blocks [b0, b0 + nb) of 128 bfloat16 values of row `x` to
+// FP8 and writes them into the packed row `dst` (H e4m3fn bytes, then H / 128
+// float32 scales), computing exactly what jax_ep.fp8.quantize_fp8 does: s =
+// max(amax * f32(1/448), FLT_MIN), q = e4m3fn(clip(x * (1/s), -448, 448)),
+// each step rounded to nearest even. Half a warp per block: a lane loads 8
+// values (one 16-byte vector), the block's amax is a 16-lane reduction.
+// (DeepEP's low-latency dispatch quantizes in its send kernel too; XLA's
+// quantize-and-pack before the kernel cost more than the halved bytes saved.)
+__device__ __forceinline__ void WarpQuantizeRow(char* dst, const char* x, int64_t H, int64_t b0,
+                                                int64_t nb, int lane) {
+  using Traits = VecTraits<__nv_bfloat16>;
+  const int half = lane >> 4, l16 = lane & 15;
+  float* scales = reinterpret_cast<float*>(dst + H);
+  for (int64_t p = 0; p < nb; p += 2) {
+    const int64_t b = b0 + p + half;
+    const bool valid = p + half < nb;
+    float f[Traits::kElems];
+    Traits::ToFloats(valid ? LoadNc16(reinterpret_cast<const int4*>(x) + b * 16 + l16)
+                           : make_int4(0, 0, 0, 0),
+                     f);
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < Traits::kElems; ++e) amax = NanMax(fabsf(f[e]), amax);
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) amax = NanMax(__shfl_xor_sync(kFullMask, amax, o), amax);
+    const float scaled = __fmul_rn(amax, static_cast<float>(1.0 / kFp8Max));  // as jnp's f32(1/448)
+    const float s = NanMax(scaled, FLT_MIN);
+    const float inv = __frcp_rn(s);  // 1 / s, correctly rounded like XLA's division
+    uint32_t packed[2];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float2 v;
+        v.x = __fmul_rn(f[4 * w + 2 * j], inv);
+        v.y = __fmul_rn(f[4 * w + 2 * j + 1], inv);
+        // clip, keeping a NaN (XLA's clamp does; fminf/fmaxf would not)
+        v.x = v.x != v.x ? v.x : fminf(fmaxf(v.x, -kFp8Max), kFp8Max);
+        v.y = v.y != v.y ? v.y : fminf(fmaxf(v.y, -kFp8Max), kFp8Max);
+        const uint32_t two = __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);
+        word |= two << (16 * j);  // v.x in the lower byte: value order in memory
+      }
+      packed[w] = word;
+    }
+    if (valid) {
+      *reinterpret_cast<uint2*>(dst + b * kFp8Block + l16 * 8) = make_uint2(packed[0], packed[1]);
+      if (l16 == 0) scales[b] = s;
+    }
   }
 }
 
@@ -174,12 +232,16 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   const int K = a.num_topk, E = a.num_experts, El = E / R;
   const LowLatencyRegions reg = MakeLowLatencyRegions(R, T, K, row_bytes);
   const char* x = static_cast<const char*>(a.x);
-  const int64_t n16 = row_bytes / 16;
+  const int64_t x_row_bytes = a.x_row_bytes, H8 = a.fp8_hidden;
   // Task t = (token t / R, rank t % R) per group, consecutive tasks on different
-  // SMs; warp gw of the group copies part gw of the row, warp 0 the ids.
+  // SMs; warp gw of the group moves part gw of the row, warp 0 the ids. A part
+  // is a run of units: 16-byte vectors, or with FP8 quantization blocks of 128
+  // values (2 * 128 bytes of x each).
   const int group = warp / kGroupWarps, gw = warp % kGroupWarps;
-  const int64_t part = (n16 + kGroupWarps - 1) / kGroupWarps;
-  const int64_t v0 = min(n16, gw * part), nv = min(n16 - v0, part);
+  const int64_t units = H8 > 0 ? H8 / kFp8Block : row_bytes / 16;
+  const int64_t unit_bytes = H8 > 0 ? 2 * kFp8Block : 16;
+  const int64_t part = (units + kGroupWarps - 1) / kGroupWarps;
+  const int64_t u0 = min(units, gw * part), nu = min(units - u0, part);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kGroups;
   const int64_t first_task = group * static_cast<int64_t>(gridDim.x) + blockIdx.x;
   const bool counts_block = kNumbered && blockIdx.x + 1 == gridDim.x;
@@ -189,7 +251,9 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
   // row (operands, readable at once), which the task then loads first thing.
   if (lane == 0 && first_task < T * R && first_task / R < N) {
     const int64_t i = first_task / R;
-    if (nv > 0) PrefetchL2(x + i * row_bytes + v0 * 16, static_cast<uint32_t>(nv * 16));
+    if (nu > 0) {
+      PrefetchL2(x + i * x_row_bytes + u0 * unit_bytes, static_cast<uint32_t>(nu * unit_bytes));
+    }
     if (gw == 0 && K % 4 == 0) PrefetchL2(a.topk_idx + i * K, static_cast<uint32_t>(4 * K));
   }
   if (blockIdx.x == 0) {
@@ -255,11 +319,15 @@ __device__ __forceinline__ void DispatchSendPhase(const DispatchSendArgs& a, int
       routed |= __any_sync(kFullMask, id >= 0 && id < E && id / El == d) != 0;
     }
     if (traced) trace.Mark("task ids");
-    if (routed && nv > 0) {
-      int4* row = reinterpret_cast<int4*>(dst + reg.data + (me * T + i) * row_bytes);
-      WarpCopyRow<kSendUnroll, false>(row + v0,
-                                      reinterpret_cast<const int4*>(x + i * row_bytes) + v0, nv,
-                                      lane);
+    if (routed && nu > 0) {
+      char* row = dst + reg.data + (me * T + i) * row_bytes;
+      if (H8 > 0) {
+        WarpQuantizeRow(row, x + i * x_row_bytes, H8, u0, nu, lane);
+      } else {
+        WarpCopyRow<kSendUnroll, false>(reinterpret_cast<int4*>(row) + u0,
+                                        reinterpret_cast<const int4*>(x + i * x_row_bytes) + u0,
+                                        nu, lane);
+      }
     }
     if (traced) trace.Mark("task row");
     // The group's stores, then the flag: one release after the group's barrier

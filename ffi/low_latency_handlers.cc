@@ -21,7 +21,8 @@ struct LowLatencyAttrs {
   int64_t num_max_tokens;  // T
   int64_t num_topk;
   int64_t timeout_ns;
-  bool has_weights;  // else the weights operand is [0, K]
+  bool has_weights;   // else the weights operand is [0, K]
+  bool quantize_fp8;  // dispatch: x is bfloat16, quantized to FP8 rows while it is sent
 };
 
 }  // namespace jax_ep
@@ -33,7 +34,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LowLatencyAttrs,
                                       ::xla::ffi::StructMember<int64_t>("num_max_tokens"),
                                       ::xla::ffi::StructMember<int64_t>("num_topk"),
                                       ::xla::ffi::StructMember<int64_t>("timeout_ns"),
-                                      ::xla::ffi::StructMember<bool>("has_weights"));
+                                      ::xla::ffi::StructMember<bool>("has_weights"),
+                                      ::xla::ffi::StructMember<bool>("quantize_fp8"));
 
 namespace jax_ep {
 namespace {
@@ -69,9 +71,19 @@ ffi::Error MakeDispatchSend(const char* op, int32_t device, ffi::AnyBuffer x, I3
                             const F32x2* weights, I32x0 rank, U32x0 ticket,
                             const LowLatencyAttrs& at, low_latency::DispatchSendArgs* out) {
   RowType type;
-  int64_t row_bytes = 0;
-  JAX_EP_RETURN_IF_FFI_ERROR(RowInfo(op, "x", x, &type, &row_bytes));
-  const int64_t N = x.dimensions()[0], K = at.num_topk;
+  int64_t x_row_bytes = 0;
+  JAX_EP_RETURN_IF_FFI_ERROR(RowInfo(op, "x", x, &type, &x_row_bytes));
+  const int64_t N = x.dimensions()[0], K = at.num_topk, H = x.dimensions()[1];
+  // With quantize_fp8 a row crosses as H FP8 bytes and H / 128 float32 scales
+  // (jax_ep.fp8.pack_rows' layout), padded to 16 bytes.
+  int64_t row_bytes = x_row_bytes;
+  if (at.quantize_fp8) {
+    if (type != RowType::kBF16 || H % kFp8Block != 0) {
+      return Invalid(op, "quantize_fp8 needs bfloat16 x with hidden a multiple of " +
+                             std::to_string(kFp8Block) + ", got " + ShapeString(x.dimensions()));
+    }
+    row_bytes = (H + 4 * (H / kFp8Block) + 15) / 16 * 16;
+  }
   if (N > at.num_max_tokens) {
     return Invalid(op, "x has " + std::to_string(N) + " tokens, more than num_max_tokens " +
                            std::to_string(at.num_max_tokens));
@@ -91,6 +103,8 @@ ffi::Error MakeDispatchSend(const char* op, int32_t device, ffi::AnyBuffer x, I3
   a.num_tokens = N;
   a.num_max_tokens = at.num_max_tokens;
   a.row_bytes = row_bytes;
+  a.x_row_bytes = x_row_bytes;
+  a.fp8_hidden = at.quantize_fp8 ? H : 0;
   a.num_topk = static_cast<int>(K);
   a.num_experts = static_cast<int>(at.num_experts);
   a.timeout_ns = at.timeout_ns;
@@ -324,6 +338,10 @@ ffi::Error FusedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, 
       MakeDispatchSend(op, device, x, topk_idx, nullptr, rank, *ticket, at, &s));
   JAX_EP_RETURN_IF_FFI_ERROR(MakeDispatchRecv(op, stream, device, *ticket, rank, recv_x,
                                               recv_tail, recv_count, src_slot, recv_slot, at, &r));
+  if (s.row_bytes != r.row_bytes) {
+    return Invalid(op, "x's rows cross as " + std::to_string(s.row_bytes) +
+                           " bytes but the receive rows take " + std::to_string(r.row_bytes));
+  }
   return Launched(op, low_latency::Dispatch(s, r, stream));
 }
 
@@ -332,6 +350,7 @@ ffi::Error FusedCachedDispatch(cudaStream_t stream, int32_t device, ffi::AnyBuff
                                ffi::Result<U32x0> ticket, ffi::Result<ffi::AnyBuffer> recv_x,
                                LowLatencyAttrs at) {
   const char* op = "jax_ep_ll_cached_dispatch";
+  if (at.quantize_fp8) return Invalid(op, "does not quantize");
   low_latency::DispatchSendArgs s{};
   low_latency::DispatchRecvArgs r{};
   JAX_EP_RETURN_IF_FFI_ERROR(

@@ -201,13 +201,22 @@ def _fp8_not_differentiable(fn, op):
   return wrapped
 
 
+def fp8_rows(impl, x):
+  """What ``impl.dispatch`` / ``impl.dispatch_send`` take (with ``split`` = H)
+  for an FP8 dispatch of ``x``: ``x`` itself where the backend quantizes while
+  it sends (``quantizes_fp8``: the cuda kernels, for bfloat16 ``x``), else the
+  rows quantized and packed here (``fp8.pack_rows``). Either way the same
+  bytes arrive (``fp8.quantize_fp8``'s arithmetic)."""
+  if getattr(impl, "quantizes_fp8", False) and x.dtype == jnp.bfloat16:
+    return x
+  return _fp8.pack_rows(*_fp8.quantize_fp8(x))
+
+
 def low_latency_dispatch_fp8(impl, x, topk_idx, num_max_tokens, num_experts):
   H = x.shape[1]
 
   def run(x, topk_idx):
-    q, s = _fp8.quantize_fp8(x)
-    return impl.dispatch(_fp8.pack_rows(q, s), topk_idx, num_max_tokens, num_experts,
-                         split=H)
+    return impl.dispatch(fp8_rows(impl, x), topk_idx, num_max_tokens, num_experts, split=H)
 
   return _fp8_not_differentiable(run, "low_latency_dispatch")(x, topk_idx)
 

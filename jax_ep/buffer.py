@@ -366,8 +366,8 @@ class Buffer:
       return _ll_ops.low_latency_dispatch(impl, x, topk_idx, T, num_experts)
     # Split form: the same computation cut after the collective (autodiff is
     # JAX's own through the xla code).
-    rows = fp8.pack_rows(*fp8.quantize_fp8(x)) if use_fp8 else x
-    state = impl.dispatch_send(rows, topk_idx, T, num_experts)
+    rows = _ll_ops.fp8_rows(impl, x) if use_fp8 else x
+    state = impl.dispatch_send(rows, topk_idx, T, num_experts, split=H if use_fp8 else 0)
 
     def recv_fn(*after):
       return impl.dispatch_recv(_ordered_after(state, after, op), num_experts,

@@ -418,13 +418,17 @@ class CudaLowLatency:
   """
 
   name = "cuda"
+  # An FP8 dispatch takes the bfloat16 rows and quantizes them in its send
+  # kernel (``_ll_ops.fp8_rows``): no XLA pass before it.
+  quantizes_fp8 = True
 
   def __init__(self, backend: "CudaBackend"):
     self._b = backend
     self.axis_name = backend.axis_name
     self.num_ranks = backend.num_ranks
 
-  def _attrs(self, *, num_experts, num_max_tokens, num_topk, has_weights=False):
+  def _attrs(self, *, num_experts, num_max_tokens, num_topk, has_weights=False,
+             quantize_fp8=False):
     """``LowLatencyAttrs`` in ffi/low_latency_handlers.cc."""
     b = self._b
     if num_experts > b._c.MAX_LOW_LATENCY_EXPERTS:
@@ -434,7 +438,7 @@ class CudaLowLatency:
     return dict(buffer_id=np.int64(b.buffer_id), num_ranks=np.int64(self.num_ranks),
                 num_experts=np.int64(num_experts), num_max_tokens=np.int64(num_max_tokens),
                 num_topk=np.int64(num_topk), timeout_ns=np.int64(b.timeout_ns),
-                has_weights=np.bool_(has_weights))
+                has_weights=np.bool_(has_weights), quantize_fp8=np.bool_(quantize_fp8))
 
   def _check_bytes(self, op, num_max_tokens, num_topk, data_row_bytes):
     if num_topk > self._b._c.MAX_TOPK:
@@ -447,10 +451,16 @@ class CudaLowLatency:
           f"but the Buffer has num_nvl_bytes={self._b.num_bytes}; make the Buffer with "
           f"num_nvl_bytes=Buffer.get_low_latency_buffer_size_hint(...) or more.")
 
-  def _rows_to_send(self, rows, num_max_tokens, num_topk):
-    """(rows as the kernels move them, the inverse for received rows): FP8 byte
-    rows ride as bfloat16 (``byte_rows_as_bf16``)."""
+  def _rows_to_send(self, rows, num_max_tokens, num_topk, split=0):
+    """(rows as the kernels move them, the inverse for received rows, whether
+    the kernel quantizes them): FP8 byte rows ride as bfloat16
+    (``byte_rows_as_bf16``); with ``split`` = H, bfloat16 rows are quantized
+    to FP8 by the send kernel and cross in ``fp8.pack_rows``' layout."""
     op = "low_latency_dispatch"
+    if split and rows.dtype == jnp.bfloat16:
+      packed = -(-(split + 4 * (split // 128)) // 16) * 16  # H FP8 bytes + H/128 scales
+      self._check_bytes(op, num_max_tokens, num_topk, packed)
+      return rows, None, True
     if rows.dtype == jnp.uint8:
       view, restore = byte_rows_as_bf16(rows)
     else:
@@ -460,7 +470,7 @@ class CudaLowLatency:
                          f"is not.")
       view, restore = rows, (lambda received: received)
     self._check_bytes(op, num_max_tokens, num_topk, view.shape[1] * view.dtype.itemsize)
-    return view, restore
+    return view, restore, False
 
   def _check_combine(self, y, num_max_tokens, num_topk):
     H = y.shape[-1]
@@ -499,26 +509,30 @@ class CudaLowLatency:
   def dispatch(self, rows, topk_idx, num_max_tokens, num_experts, split=0):
     """``(recv [E_local, R*T, W], recv_count [E_local], handle)`` for ``rows
     [N, W]`` (bfloat16, float32, or uint8 FP8 rows), in one custom call. With
-    ``split`` = H (FP8 rows packed by ``fp8.pack_rows``), ``recv`` is the pair
-    ``(values float8_e4m3fn [.., H], scales float32 [.., H/128])``."""
+    ``split`` = H (FP8 rows: bfloat16 ``x`` to quantize, or rows packed by
+    ``fp8.pack_rows``), ``recv`` is the pair ``(values float8_e4m3fn [.., H],
+    scales float32 [.., H/128])``."""
     K = topk_idx.shape[1]
-    view, restore = self._rows_to_send(rows, num_max_tokens, K)
+    view, restore, quantize = self._rows_to_send(rows, num_max_tokens, K, split)
     _, *outs = self._b._call(
         "jax_ep_ll_dispatch",
         (jax.ShapeDtypeStruct((), jnp.uint32),) + self._recv_shapes(
             num_experts, num_max_tokens, K, view, split),
         view, topk_idx, self._b._rank(),
-        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
+        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K,
+                      quantize_fp8=quantize))
     return self._received(*outs, restore, split)
 
-  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts):
-    """The split form's send; ``dispatch_recv`` finishes it."""
+  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts, split=0):
+    """The split form's send (``split`` as for ``dispatch``); ``dispatch_recv``
+    finishes it."""
     K = topk_idx.shape[1]
-    view, restore = self._rows_to_send(rows, num_max_tokens, K)
+    view, restore, quantize = self._rows_to_send(rows, num_max_tokens, K, split)
     (ticket,) = self._b._call(
         "jax_ep_ll_dispatch_send", (jax.ShapeDtypeStruct((), jnp.uint32),), view, topk_idx,
         _or_empty(None, K), jnp.zeros((), jnp.int32), self._b._rank(),
-        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K))
+        **self._attrs(num_experts=num_experts, num_max_tokens=num_max_tokens, num_topk=K,
+                      quantize_fp8=quantize))
     return CudaLowLatencyState(ticket, num_max_tokens, K, num_experts, view.dtype.name,
                                view.shape[1], rows.shape[1] if rows.dtype == jnp.uint8 else 0)
 
@@ -539,7 +553,7 @@ class CudaLowLatency:
     (the dispatch's) says where rows must go."""
     El, rows = handle.src_slot.shape
     R, K = self.num_ranks, handle.recv_slot.shape[1]
-    view, restore = self._rows_to_send(x, rows // R, K)
+    view, restore, _ = self._rows_to_send(x, rows // R, K)
     _, recv = self._b._call(
         "jax_ep_ll_cached_dispatch",
         (jax.ShapeDtypeStruct((), jnp.uint32),

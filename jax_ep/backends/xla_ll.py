@@ -77,9 +77,10 @@ class XlaLowLatency:
     return _exchange(jnp.broadcast_to(a[None], (R,) + a.shape), self.axis_name)
 
   # -- dispatch ------------------------------------------------------------------
-  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts=None):
+  def dispatch_send(self, rows, topk_idx, num_max_tokens, num_experts=None, split=0):
     """Issue the exchange of ``rows [N, W]`` (any dtype) and ``topk_idx [N, K]``
-    (every rank gets every row, so ``num_experts`` is not needed)."""
+    (every rank gets every row, so ``num_experts`` is not needed; FP8 rows,
+    ``split`` = H, arrive packed and ``dispatch_recv`` takes them apart)."""
     T = num_max_tokens
     return LowLatencyDispatchState(self._broadcast(_pad_rows(rows, T, 0)),
                                    self._broadcast(_pad_rows(topk_idx, T, -1)))
