@@ -12,6 +12,7 @@
 #   bench      python -m jax_ep.bench --dtypes bf16,fp8 --out $OUT (one process, every GPU)
 #   bench-ll   the low-latency mode, bf16 and FP8 (--mode low_latency), into $OUT/ll
 #   bench-pergpu, bench-emulated   the same with one process per GPU / ranks on GPU 0
+#              (BENCH_RANKS="2 8": the emulated rank counts; BENCH_ARGS applies to both)
 #   bench-mesh the two-axis Buffer (--mesh Gx1: node hop on NCCL, local hop ours)
 #   bench-mesh-local  the two-axis Buffer over 2G processes (--mesh Gx2, two ranks
 #              sharing each GPU under MPS: the local hop on our kernels over CUDA IPC
@@ -173,7 +174,7 @@ fi
 if has bench-emulated; then
   for r in ${BENCH_RANKS:-2}; do
     echo "=== bench, $r ranks emulated on GPU 0 (MPS)"
-    timeout 400 $PY -m jax_ep.bench --ranks "$r" --iters 5 --reps 5 --out "$OUT/emulated$r" 2>&1 \
+    timeout 400 $PY -m jax_ep.bench --ranks "$r" --iters 5 --reps 5 --out "$OUT/emulated$r" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_emulated$r.log" | tail -6
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
