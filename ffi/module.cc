@@ -61,6 +61,7 @@ NB_MODULE(_C, m) {
   m.attr("MAX_SMS") = jax_ep::kMaxBlocks;
   m.attr("MAX_LOW_LATENCY_HIDDEN") = jax_ep::kMaxLowLatencyHidden;
   m.attr("MAX_LOW_LATENCY_EXPERTS") = jax_ep::kMaxLowLatencyExperts;
+  m.attr("FP8_BLOCK") = jax_ep::kFp8Block;
 #ifdef JAX_EP_WITH_CUDA
   jax_ep::BindCuda(m);
 #endif

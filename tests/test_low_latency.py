@@ -132,6 +132,16 @@ def test_quantize_fp8_bound_zero_blocks_and_numpy_reference():
   assert jax_ep.dequantize_fp8(qb, sb, jnp.bfloat16).dtype == jnp.bfloat16
 
 
+def test_fp8_block_is_the_kernels():
+  """The cuda kernels quantize (and lay out scales) per ffi/buffer_layout.h's
+  kFp8Block; the Python format (``jax_ep.fp8.BLOCK``) must be the same."""
+  from jax_ep import _ext, fp8
+  c = _ext.load()
+  if c is None:
+    pytest.skip("jax_ep._C is not built")
+  assert c.FP8_BLOCK == fp8.BLOCK == 128
+
+
 def test_low_latency_autodiff_matches_dense_formulas():
   """f32: grad of dispatch = unweighted sum of each token's copies; grad of
   combine in y = weighted copies (zero past the counts), in w = row dots;

@@ -24,6 +24,7 @@ from jax import lax
 from jax_ep import _ext, _ops
 from jax_ep.backends.xla import compute_layout
 from jax_ep.backends.xla_ll import XlaLowLatency
+from jax_ep import fp8
 from jax_ep.fp8 import FP8_DTYPE
 from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
@@ -458,7 +459,7 @@ class CudaLowLatency:
     to FP8 by the send kernel and cross in ``fp8.pack_rows``' layout."""
     op = "low_latency_dispatch"
     if split and rows.dtype == jnp.bfloat16:
-      packed = -(-(split + 4 * (split // 128)) // 16) * 16  # H FP8 bytes + H/128 scales
+      packed = -(-(split + 4 * (split // fp8.BLOCK)) // 16) * 16  # H FP8 bytes + H/128 scales
       self._check_bytes(op, num_max_tokens, num_topk, packed)
       return rows, None, True
     if rows.dtype == jnp.uint8:
@@ -489,7 +490,7 @@ class CudaLowLatency:
     El, rows, i32 = num_experts // self.num_ranks, self.num_ranks * num_max_tokens, jnp.int32
     if split:
       out = (jax.ShapeDtypeStruct((El * rows, split), jnp.uint8),
-             jax.ShapeDtypeStruct((El * rows, split // 128), jnp.float32))
+             jax.ShapeDtypeStruct((El * rows, split // fp8.BLOCK), jnp.float32))
     else:
       out = (jax.ShapeDtypeStruct((El * rows, view.shape[1]), view.dtype),
              jax.ShapeDtypeStruct((0, 0), jnp.float32))
@@ -500,7 +501,7 @@ class CudaLowLatency:
     El, rows = src_slot.shape
     if split:  # already apart: no pass over the [E_local, R*T, ...] outputs
       recv = (lax.bitcast_convert_type(recv, FP8_DTYPE).reshape(El, rows, split),
-              tail.reshape(El, rows, split // 128))
+              tail.reshape(El, rows, split // fp8.BLOCK))
     else:
       recv = restore(recv.reshape(El, rows, recv.shape[-1]))
     return recv, count, LowLatencyHandle(src_slot, recv_slot, count)
