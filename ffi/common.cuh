@@ -245,12 +245,13 @@ __device__ __forceinline__ uint64_t GlobalTimerNs() {
 // Phase timestamps, for finding where a kernel's time goes (a profiler sees
 // only the whole kernel). Built in with the CMake option JAX_EP_PHASE_TRACE
 // (pip install -C cmake.define.JAX_EP_PHASE_TRACE=ON ...); otherwise empty.
-// One thread of the first and of the last block (`tracer`, thread 0 unless a
-// kernel traces another warp role) notes %globaltimer at each Mark and, for
-// one op in 64, prints the time since the kernel started per phase.
+// One thread of every block (`tracer`, thread 0 unless a kernel traces
+// another warp role) notes %globaltimer at each Mark and, for one op in 64,
+// prints the time since its block started per phase, and the block's start
+// (tools/trace_summary.py sums the lines up).
 struct PhaseTrace {
 #ifdef JAX_EP_PHASE_TRACE
-  static constexpr int kMarks = 12;  // printf takes at most 32 arguments
+  static constexpr int kMarks = 12;
   int tracer;
   // Not zero-filled: only the tracer writes (and Print reads) the first n;
   // zero-filling cost every thread of the block local-memory stores.
@@ -265,22 +266,45 @@ struct PhaseTrace {
     }
   }
   __device__ void Print(const char* op, int rank, uint32_t seq) const {
-    if (static_cast<int>(threadIdx.x) != tracer || (seq & 63) != 5 ||
-        (blockIdx.x != 0 && blockIdx.x + 1 != gridDim.x)) {
-      return;
+    // Every block of one op in 64 (tools/trace_summary.py gives the spread).
+    if (static_cast<int>(threadIdx.x) != tracer || (seq & 63) != 5) return;
+    // The line is built here and printed as one %s: the host formats a
+    // printf argument by argument, and two GPUs' lines (one process) came out
+    // cut into each other between arguments.
+    char line[kLineBytes];
+    int len = 0;
+    Put(line, &len, "jax_ep phase trace: ");
+    Put(line, &len, op);
+    Put(line, &len, " rank ");
+    PutU(line, &len, static_cast<uint64_t>(rank));
+    Put(line, &len, " block ");
+    PutU(line, &len, blockIdx.x);
+    Put(line, &len, " seq ");
+    PutU(line, &len, seq);
+    Put(line, &len, " start ");
+    PutU(line, &len, start % 1000000000ull);
+    Put(line, &len, " ns");
+    for (int j = 0; j < n; ++j) {
+      Put(line, &len, " | ");
+      Put(line, &len, name[j]);
+      Put(line, &len, " ");
+      PutU(line, &len, at[j]);
     }
-    const char* nm[kMarks];
-    unsigned long long t[kMarks];
-    for (int j = 0; j < kMarks; ++j) {
-      nm[j] = j < n ? name[j] : "-";
-      t[j] = j < n ? at[j] : 0ull;
-    }
-    printf("jax_ep phase trace: %s rank %d block %u seq %u start %llu ns | %s %llu | %s %llu | "
-           "%s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | %s %llu | "
-           "%s %llu | %s %llu\n",
-           op, rank, blockIdx.x, seq, static_cast<unsigned long long>(start % 1000000000ull),
-           nm[0], t[0], nm[1], t[1], nm[2], t[2], nm[3], t[3], nm[4], t[4], nm[5], t[5], nm[6],
-           t[6], nm[7], t[7], nm[8], t[8], nm[9], t[9], nm[10], t[10], nm[11], t[11]);
+    line[len] = '\0';
+    printf("%s\n", line);
+  }
+  static constexpr int kLineBytes = 512;
+  __device__ static void Put(char* line, int* len, const char* s) {
+    while (*s != '\0' && *len < kLineBytes - 1) line[(*len)++] = *s++;
+  }
+  __device__ static void PutU(char* line, int* len, uint64_t v) {
+    char digits[20];
+    int k = 0;
+    do {
+      digits[k++] = static_cast<char>('0' + v % 10);
+      v /= 10;
+    } while (v != 0);
+    while (k > 0 && *len < kLineBytes - 1) line[(*len)++] = digits[--k];
   }
 #else
   __device__ explicit PhaseTrace(int = 0) {}

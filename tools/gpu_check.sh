@@ -24,7 +24,9 @@
 #   trace      rebuild with kernel phase timestamps (JAX_EP_PHASE_TRACE), run the
 #              small shape (normal dispatch, cached dispatch and combine;
 #              low-latency ops) on cuda, keep the
-#              trace lines in $OUT/trace_*.log, then rebuild without them
+#              trace lines in $OUT/trace_*.log (every block's; their spread per
+#              phase, by tools/trace_summary.py, in trace_*_summary.txt), then
+#              rebuild without them
 #              (TRACE_SHAPES=small,deepep traces the normal mode at both shapes)
 #   random     1008 random routings on the cuda backend against the NumPy
 #              reference (tests/test_random_routings.py's check): one process
@@ -137,7 +139,7 @@ if has trace; then
       >"$OUT/trace_raw_$mode.log" 2>&1 || status=1
     grep -a "phase trace" "$OUT/trace_raw_$mode.log" >"$OUT/trace_$mode.log"
     rm -f "$OUT/trace_raw_$mode.log"
-    head -8 "$OUT/trace_$mode.log"
+    $PY tools/trace_summary.py "$OUT/trace_$mode.log" | tee "$OUT/trace_${mode}_summary.txt"
   done
   $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || status=1
 fi
