@@ -452,7 +452,6 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
         a.recv_count[e] = static_cast<int32_t>(min(static_cast<int64_t>(total[e]), rows));
       }
     }
-    trace.Mark("copy");
   } else {
     // Every slot of every source has arrived.
     for (int64_t f = tid; f < rows; f += kThreads) {
