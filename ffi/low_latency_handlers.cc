@@ -40,6 +40,12 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_ep::LowLatencyAttrs,
 namespace jax_ep {
 namespace {
 
+// A packed FP8 row (values, then scales) as it crosses: rounded up to 16 bytes.
+// The send (quantizing bfloat16 x) and the receive (its two outputs) must agree.
+constexpr int64_t PackedRowBytes(int64_t value_bytes, int64_t scale_bytes) {
+  return (value_bytes + scale_bytes + 15) / 16 * 16;
+}
+
 // What every low-latency handler checks and looks up: sizes, the timeout, and
 // the group with room for rows of `data_row_bytes`.
 ffi::Error Decode(const char* op, int32_t device, const LowLatencyAttrs& at,
@@ -82,7 +88,7 @@ ffi::Error MakeDispatchSend(const char* op, int32_t device, ffi::AnyBuffer x, I3
       return Invalid(op, "quantize_fp8 needs bfloat16 x with hidden a multiple of " +
                              std::to_string(kFp8Block) + ", got " + ShapeString(x.dimensions()));
     }
-    row_bytes = (H + 4 * (H / kFp8Block) + 15) / 16 * 16;
+    row_bytes = PackedRowBytes(H, 4 * (H / kFp8Block));
   }
   if (N > at.num_max_tokens) {
     return Invalid(op, "x has " + std::to_string(N) + " tokens, more than num_max_tokens " +
@@ -153,7 +159,7 @@ ffi::Error ReceiveRows(const char* op, const ffi::AnyBuffer& recv_x,
   a->head_bytes = h[1];
   a->tail_bytes = 4 * t[1];
   a->recv_tail = recv_tail.untyped_data();
-  *row_bytes = (a->head_bytes + a->tail_bytes + 15) / 16 * 16;
+  *row_bytes = PackedRowBytes(a->head_bytes, a->tail_bytes);
   return ffi::Error::Success();
 }
 

@@ -127,6 +127,11 @@ def _kv_client():
   return distributed.global_state.client
 
 
+def _pad16(nbytes: int) -> int:
+  """A row of ``nbytes`` as our kernels move it: rounded up to 16 bytes."""
+  return -(-nbytes // 16) * 16
+
+
 def byte_rows_as_bf16(rows):
   """``[N, W]`` uint8 rows as ``[N, W'/2]`` bfloat16 rows (W' = W rounded up to
   16 bytes, zero-padded), and the function that turns received rows back.
@@ -138,7 +143,7 @@ def byte_rows_as_bf16(rows):
   convert bfloat16 through float32 on the way, which need not keep NaN bits.)
   """
   n, w = rows.shape
-  wp = -(-w // 16) * 16
+  wp = _pad16(w)
   if wp != w:
     rows = jnp.pad(rows, ((0, 0), (0, wp - w)))
   view = lax.bitcast_convert_type(rows.reshape(n, wp // 2, 2), jnp.bfloat16)
@@ -459,7 +464,7 @@ class CudaLowLatency:
     to FP8 by the send kernel and cross in ``fp8.pack_rows``' layout."""
     op = "low_latency_dispatch"
     if split and rows.dtype == jnp.bfloat16:
-      packed = -(-(split + 4 * (split // fp8.BLOCK)) // 16) * 16  # H FP8 bytes + H/128 scales
+      packed = _pad16(split + 4 * (split // fp8.BLOCK))  # pack_rows' row: H FP8 bytes, H/128 scales
       self._check_bytes(op, num_max_tokens, num_topk, packed)
       return rows, None, True
     if rows.dtype == jnp.uint8:
