@@ -197,11 +197,11 @@ JAX_EP_HD constexpr LowLatencyRegions MakeLowLatencyRegions(int64_t R, int64_t T
 
 // Dynamic shared memory a low-latency kernel may take: the combine stages a
 // partial sum per task group (two: 8 * hidden bytes), so hidden <=
-// kMaxLowLatencyHidden; the dispatch receive numbers copies in (R + 1) * E/R ints.
+// kMaxLowLatencyHidden; the dispatch counts copies per expert in E ints.
 constexpr int64_t kMaxLowLatencySmem = kMaxSmemBytes - 1024;
 constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencySmem / 8;
-// The dispatch's numbering: (R + 1) * E/R <= 2E ints. Its kernels keep the
-// rest of the budget for their static shared memory.
+// The dispatch's counts: E ints (low_latency.cu NumberingSmem), within this
+// budget; its kernels keep the rest for their static shared memory.
 constexpr int64_t kMaxLowLatencyNumberingSmem = 8 * kMaxLowLatencyExperts;
 static_assert(kMaxLowLatencyNumberingSmem + 8 * 1024 <= kMaxSmemBytes, "low-latency smem");
 

@@ -11,10 +11,10 @@
 // expert, at slot (source rank, token) of that rank's buffer, and flags the
 // slot; right after the hellos, each rank also gets our per-expert copy counts.
 // Tokens a rank does not need still get their ids and flag there, so the
-// receiver hears from every slot of every source. The receive phase waits for
-// the counts (which give each source's first row per local expert), then
-// copies each row into recv_x, grouped by expert in (source, token, k) order,
-// as soon as its own flag is in.
+// receiver hears from every slot of every source. The receive phase copies
+// each row into recv_x, grouped by expert in (source, token, k) order, as
+// soon as its own flag and the counts that place it are in (a copy from
+// source s needs the counts of the sources before s for its expert).
 //
 // Combine. The send phase adds up, on the expert's rank, each token's local
 // copies weighted in float32 (the weights are read from the home rank's
@@ -386,43 +386,17 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
   if constexpr (!kCached) {
     // Placing: copy (s, i, k) of local expert e goes to row first_row[s][e] +
     // its place among source s's copies to e (the sender's numbering), where
-    // first_row[s][e] adds up the counts of the sources before s. The counts
-    // (E words from each source, sent right after the hellos) are all a
-    // block waits for before copying; then each row is copied as soon as its
-    // own flag is in, while later rows still cross the link.
-    extern __shared__ int numbering[];  // [R][El] first rows, then [El] totals
-    int* first_row = numbering;
-    int* total = numbering + R * El;
-    __syncthreads();  // the send phase's per-expert counts (the last block) used this memory
+    // first_row[s][e] adds up the counts of the sources before s. The count
+    // words (E from each source, sent after the hellos) land with the last
+    // rows, the link having no priority; so no block waits for all of them
+    // before copying: the warp of a copy reads the s words it needs (none for
+    // source 0, this rank's own for source 1 on rank 0, ...) and moves the
+    // row once they and its flag are in. The totals (recv_count, the handle's
+    // src_slot past them) follow, once every count is in.
     const uint64_t* counts = At<const uint64_t>(own, reg.counts);
-    for (int q = tid; q < R * El; q += kThreads) {
-      first_row[q] = static_cast<int>(WaitFlag(g, counts + q, seq, op, me, q / El, a.timeout_ns));
-    }
-    __syncthreads();
-    for (int e = tid; e < El; e += kThreads) {
-      int run = 0;
-      for (int s = 0; s < R; ++s) {
-        const int c = first_row[s * El + e];
-        first_row[s * El + e] = run;
-        run += c;
-      }
-      total[e] = run;
-    }
-    __syncthreads();
-    trace.Mark("counts");
-    // Rows past each expert's count, and the counts: known before any row.
-    for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + tid; q < El * rows;
-         q += static_cast<int64_t>(gridDim.x) * kThreads) {
-      if (q % rows >= min(static_cast<int64_t>(total[q / rows]), rows)) a.src_slot[q] = -1;
-    }
-    if (blockIdx.x == 0) {
-      for (int e = tid; e < El; e += kThreads) {
-        a.recv_count[e] = static_cast<int32_t>(min(static_cast<int64_t>(total[e]), rows));
-      }
-    }
+    const int32_t* copy_index = At<const int32_t>(own, reg.copy_index);
     // A warp per slot, in (token, source, k) order: the senders push tokens
     // in about that order, so the first warps' rows land first.
-    const int32_t* copy_index = At<const int32_t>(own, reg.copy_index);
     const int64_t nwarps = static_cast<int64_t>(gridDim.x) * kWarps;
     for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + warp; w < S; w += nwarps) {
       const int64_t i = w / (R * K);
@@ -432,9 +406,14 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       WaitFlag(g, flags + from, seq, op, me, s, a.timeout_ns);
       const int32_t id = __ldcg(ids + j);
       int64_t r = -1;
-      if (id >= 0 && id < E && id / El == me) {
+      if (id >= 0 && id < E && id / El == me) {  // the same for every lane
         const int e = id % El;
-        const int64_t p = static_cast<int64_t>(first_row[s * El + e]) + __ldcg(copy_index + j);
+        // first_row[s][e]: lane s' < s waits for source s''s count of e.
+        const int before = lane < s ? static_cast<int>(WaitFlag(g, counts + lane * El + e, seq,
+                                                                op, me, lane, a.timeout_ns))
+                                    : 0;
+        const int64_t p = static_cast<int64_t>(__reduce_add_sync(kFullMask, before)) +
+                          __ldcg(copy_index + j);
         if (p >= 0 && p < rows) r = e * rows + p;  // else past R*T copies (an id repeated): dropped
       }
       if (lane == 0) {
@@ -452,6 +431,27 @@ __device__ __forceinline__ void DispatchRecvPhase(const DispatchRecvArgs& a, int
       }
     }
     trace.Mark("copy");
+    // Each local expert's total: recv_count, and the rows past it (src_slot -1).
+    extern __shared__ int total[];  // [El]
+    __syncthreads();  // the send phase's per-expert counts (the last block) used this memory
+    for (int e = tid; e < El; e += kThreads) {
+      int run = 0;
+      for (int src = 0; src < R; ++src) {
+        run += static_cast<int>(WaitFlag(g, counts + src * El + e, seq, op, me, src, a.timeout_ns));
+      }
+      total[e] = run;
+    }
+    __syncthreads();
+    trace.Mark("counts");
+    for (int64_t q = static_cast<int64_t>(blockIdx.x) * kThreads + tid; q < El * rows;
+         q += static_cast<int64_t>(gridDim.x) * kThreads) {
+      if (q % rows >= min(static_cast<int64_t>(total[q / rows]), rows)) a.src_slot[q] = -1;
+    }
+    if (blockIdx.x == 0) {
+      for (int e = tid; e < El; e += kThreads) {
+        a.recv_count[e] = static_cast<int32_t>(min(static_cast<int64_t>(total[e]), rows));
+      }
+    }
   } else {
     // Every slot of every source has arrived.
     for (int64_t f = tid; f < rows; f += kThreads) {
@@ -838,12 +838,12 @@ uint32_t CombineHash(const CombineSendArgs& a) {
                     static_cast<int64_t>(a.row_type), a.weights != nullptr});
 }
 
-// The dispatch's numbering: the receive's per-(source, expert) first rows and
-// per-expert totals, (R + 1) * E/R ints (the send's per-expert counts, E ints,
-// fit in them); errors past the kernels' budget (the handlers' Decode already
+// The dispatch's shared memory: the send's per-expert counts (the last block,
+// E ints), then the receive's per-expert totals (E/R ints, in the same
+// memory); errors past the kernels' budget (the handlers' Decode already
 // refuses more than kMaxLowLatencyExperts experts, which keeps within it).
-cudaError_t NumberingSmem(int64_t R, int64_t E, size_t* smem) {
-  *smem = static_cast<size_t>(4 * (R + 1) * (E / std::max<int64_t>(1, R)));
+cudaError_t NumberingSmem(int64_t E, size_t* smem) {
+  *smem = static_cast<size_t>(4 * E);
   return static_cast<int64_t>(*smem) > kMaxLowLatencyNumberingSmem ? cudaErrorInvalidValue
                                                                     : cudaSuccess;
 }
@@ -857,7 +857,7 @@ cudaError_t CombineSmem(const CombineSendArgs& a, size_t* smem) {
 
 cudaError_t DispatchSend(const DispatchSendArgs& a, cudaStream_t stream) {
   size_t smem = 0;
-  JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.group.num_ranks, a.num_experts, &smem));
+  JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.num_experts, &smem));
   DispatchSendKernel<<<Grid(a.group), kThreads, smem, stream>>>(a, DispatchHash(a));
   JAX_EP_LAUNCH_CHECK();
   return cudaSuccess;
@@ -868,7 +868,7 @@ cudaError_t Dispatch(const DispatchSendArgs& s, const DispatchRecvArgs& r, cudaS
     DispatchKernel<true><<<Grid(s.group), kThreads, 0, stream>>>(s, r, DispatchHash(s));
   } else {
     size_t smem = 0;
-    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(r.group.num_ranks, r.num_experts, &smem));
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(r.num_experts, &smem));
     DispatchKernel<false><<<Grid(s.group), kThreads, smem, stream>>>(s, r, DispatchHash(s));
   }
   JAX_EP_LAUNCH_CHECK();
@@ -880,7 +880,7 @@ cudaError_t DispatchRecv(const DispatchRecvArgs& a, cudaStream_t stream) {
     DispatchRecvKernel<true><<<Grid(a.group), kThreads, 0, stream>>>(a);
   } else {
     size_t smem = 0;
-    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.group.num_ranks, a.num_experts, &smem));
+    JAX_EP_CUDA_RETURN_IF_ERROR(NumberingSmem(a.num_experts, &smem));
     DispatchRecvKernel<false><<<Grid(a.group), kThreads, smem, stream>>>(a);
   }
   JAX_EP_LAUNCH_CHECK();
