@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep import _ext, _ops
+from jax_ep import _ext, _ops, fp8
 from jax_ep.backends.xla import compute_layout
 from jax_ep.backends.xla_ll import XlaLowLatency
-from jax_ep import fp8
-from jax_ep.fp8 import FP8_DTYPE
 from jax_ep.handles import DispatchHandle, DispatchLayout, LowLatencyHandle
 
 DEFAULT_NUM_NVL_BYTES = 256 << 20
@@ -505,7 +503,7 @@ class CudaLowLatency:
   def _received(self, recv, tail, count, src_slot, recv_slot, restore, split):
     El, rows = src_slot.shape
     if split:  # already apart: no pass over the [E_local, R*T, ...] outputs
-      recv = (lax.bitcast_convert_type(recv, FP8_DTYPE).reshape(El, rows, split),
+      recv = (lax.bitcast_convert_type(recv, fp8.FP8_DTYPE).reshape(El, rows, split),
               tail.reshape(El, rows, split // fp8.BLOCK))
     else:
       recv = restore(recv.reshape(El, rows, recv.shape[-1]))
