@@ -202,7 +202,7 @@ constexpr int64_t kMaxLowLatencySmem = kMaxSmemBytes - 1024;
 constexpr int64_t kMaxLowLatencyHidden = kMaxLowLatencySmem / 8;
 // The dispatch's counts: E ints (low_latency.cu NumberingSmem), within this
 // budget; its kernels keep the rest for their static shared memory.
-constexpr int64_t kMaxLowLatencyNumberingSmem = 8 * kMaxLowLatencyExperts;
+constexpr int64_t kMaxLowLatencyNumberingSmem = 4 * kMaxLowLatencyExperts;
 static_assert(kMaxLowLatencyNumberingSmem + 8 * 1024 <= kMaxSmemBytes, "low-latency smem");
 
 JAX_EP_HD constexpr int64_t LowLatencyBytesNeeded(int64_t R, int64_t T, int64_t K,
