@@ -34,7 +34,7 @@ def parse(lines):
     marks = []
     for part in m.group("marks").split("|")[1:]:
       name, value = part.strip().rsplit(" ", 1)
-      if name != "-":
+      if name != "-":  # lines before 002b4fd padded unused marks with "- 0"
         marks.append((name, int(value)))
     # One thread notes its marks in turn, so their times never decrease; a
     # line glued from two (interleaved output) would have to be that too.
