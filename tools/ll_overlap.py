@@ -15,10 +15,14 @@ differencing (the program with --iters calls, less the program with none):
 
 ``overlap = (comm + work - split) / min(comm, work)``: 0 when the work just
 runs between the halves, 1 when the shorter one is hidden entirely. Prints one
-line per backend. Issue 10 asks for this profile. On the cuda backend both
-kernels run on XLA's compute stream (a side-stream send was tried on two
-H100s: benchmarks/RESULTS.md), so expect little there; ``--work-matmuls 0``
-gives the split form's own cost against the plain op.
+line per backend and op. Issue 10 asks for this profile. ``--ops combine``
+does the same for ``low_latency_combine`` (every program also runs a plain
+dispatch first, for the handle and the rows to combine, timed alone and
+subtracted). On the cuda backend both
+kernels run on XLA's compute stream and the send pushes the rows with SMs, so
+expect little there (a side-stream send and a copy-engine send were tried on
+two H100s: benchmarks/RESULTS.md); ``--work-matmuls 0`` gives the split form's
+own cost against the plain op.
 """
 import argparse
 import statistics
@@ -30,6 +34,7 @@ import numpy as np
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--backends", default="xla,cuda")
+  ap.add_argument("--ops", default="dispatch", help="dispatch and/or combine")
   ap.add_argument("--tokens", type=int, default=128)
   ap.add_argument("--hidden", type=int, default=7168)
   ap.add_argument("--topk", type=int, default=8)
@@ -72,26 +77,38 @@ def main(argv=None):
         v = jnp.tanh(v @ w)
       return v
 
-    def program(kind, n):
+    ones = jnp.ones((N, K), jnp.float32)
+
+    def program(op, kind, n):
       def f(idx, w_, *vs):
         i, acc = idx[0], jnp.zeros((), jnp.float32)
         for v in vs[:n]:
           acc, v = keep((acc, v[0].astype(jnp.bfloat16)))
-          if kind == "comm":
-            out = (buf.low_latency_dispatch(v, i, N, E)[0],)
+          if op == "combine":  # the rows and handle to combine (in every program)
+            recv, _, h = buf.low_latency_dispatch(v, i, N, E)
+            v, recv = keep((v, recv))
+          if kind == "none":  # combine: the dispatch alone, subtracted from the others
+            out = (recv[0, :1],)
+          elif kind == "comm":
+            out = ((buf.low_latency_dispatch(v, i, N, E)[0],) if op == "dispatch"
+                   else (buf.low_latency_combine(recv, i, ones, h),))
           elif kind == "work":
-            out = (work(v),)
-          else:  # split: the work runs between send and receive
+            out = (work(v),) + ((recv[0, :1],) if op == "combine" else ())
+          elif op == "dispatch":  # split: the work runs between send and receive
             _, recv_fn = buf.low_latency_dispatch(v, i, N, E, return_recv_hook=True)
             done = work(v)
             out = (recv_fn(done)[0], done)  # XLA orders by data: the receive after the work
+          else:
+            _, out_fn = buf.low_latency_combine(recv, i, ones, h, return_recv_hook=True)
+            done = work(v)
+            out = (out_fn(done), done)
           acc = acc + sum(o.reshape(-1)[0].astype(jnp.float32) for o in keep(out))
         return acc[None]
       specs = (P("ep"), P()) + (P("ep"),) * args.iters
       return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P("ep")))
 
-    def seconds(kind):
-      full, base = program(kind, args.iters), program(kind, 0)
+    def seconds(op, kind):
+      full, base = program(op, kind, args.iters), program(op, kind, 0)
       run = lambda fn: jax.block_until_ready(fn(idx, w, *xs))
       for fn in (full, base, full, base):
         run(fn)  # compile, warm up
@@ -102,17 +119,21 @@ def main(argv=None):
         times.append(((t1 - t0) - (t2 - t1)) / args.iters)
       return statistics.median(times)
 
-    # The order XLA scheduled the split program's kernels in (one iteration).
-    hlo = program("split", 1).lower(idx, w, *xs).compile().as_text()
-    order = [("send" if "_send" in ln else "recv" if "_recv" in ln else "matmul")
-             for ln in hlo.splitlines()
-             if "jax_ep_ll_dispatch_" in ln or "__cublas" in ln or "triton_gemm" in ln]
-    print(f"{backend}: split program's order: {' '.join(order) or '(none found)'}")
-    comm, work_s, split = (seconds(k) for k in ("comm", "work", "split"))
-    overlap = (comm + work_s - split) / max(min(comm, work_s), 1e-9)
-    print(f"{backend}: comm {comm * 1e6:.1f} us, work {work_s * 1e6:.1f} us, "
-          f"split {split * 1e6:.1f} us (sum {(comm + work_s) * 1e6:.1f}), "
-          f"overlap {overlap:.2f}")
+    for op in args.ops.split(","):
+      # The order XLA scheduled the split program's kernels in (one iteration).
+      hlo = program(op, "split", 1).lower(idx, w, *xs).compile().as_text()
+      order = [("send" if "_send" in ln else "recv" if "_recv" in ln else "matmul")
+               for ln in hlo.splitlines()
+               if f"jax_ep_ll_{op}_" in ln or "__cublas" in ln or "triton_gemm" in ln]
+      print(f"{backend} {op}: split program's order: {' '.join(order) or '(none found)'}")
+      comm, work_s, split = (seconds(op, k) for k in ("comm", "work", "split"))
+      if op == "combine":  # every combine program ran a plain dispatch first
+        base = seconds(op, "none")
+        comm, work_s, split = comm - base, work_s - base, split - base
+      overlap = (comm + work_s - split) / max(min(comm, work_s), 1e-9)
+      print(f"{backend} {op}: comm {comm * 1e6:.1f} us, work {work_s * 1e6:.1f} us, "
+            f"split {split * 1e6:.1f} us (sum {(comm + work_s) * 1e6:.1f}), "
+            f"overlap {overlap:.2f}")
     buf.destroy()
 
 
