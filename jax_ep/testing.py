@@ -846,7 +846,9 @@ def check_command_buffers(process, num_processes, *, seed=5, num_tokens=96, hidd
   custom calls and with command buffers off; checks that the first really put
   jax_ep's calls into a command buffer, runs both several times (graph
   replays) and compares every output bit for bit, and with the reference.
-  ``mode="low_latency"``: the layer is low_latency_dispatch -> low_latency_combine.
+  ``mode="low_latency"``: the layer is low_latency_dispatch -> low_latency_combine,
+  in the plain form and in the split form (return_recv_hook) with work between
+  each send and its receive.
   """
   import jax_ep
   mesh = _global_mesh()
@@ -860,9 +862,16 @@ def check_command_buffers(process, num_processes, *, seed=5, num_tokens=96, hidd
   def per_rank(x, idx, w):
     x, idx, w = x[0].astype(jnp.bfloat16), idx[0], w[0]
     if low_latency:
+      two = jnp.asarray(2, jnp.bfloat16)
       recv_x, counts, h = buf.low_latency_dispatch(x, idx, N, E)
-      out = buf.low_latency_combine(recv_x * jnp.asarray(2, recv_x.dtype), idx, w, h)
-      return out[None], counts[None]
+      out = buf.low_latency_combine(recv_x * two, idx, w, h)
+      # XLA orders custom calls by data alone: the split form after the plain one.
+      x_after, _ = jax.lax.optimization_barrier((x, out))
+      _, recv_fn = buf.low_latency_dispatch(x_after, idx, N, E, return_recv_hook=True)
+      work = jnp.tanh(w).sum()  # placed between the sends and their receives
+      recv2, counts2, h2 = recv_fn(work)
+      _, out_fn = buf.low_latency_combine(recv2 * two, idx, w, h2, return_recv_hook=True)
+      return out[None], counts[None], out_fn(work)[None], counts2[None]
     recv_x, recv_idx, recv_w, counts, h = buf.dispatch(x, topk_idx=idx, topk_weights=w,
                                                        num_experts=E)
     y = (recv_x.astype(jnp.float32) * recv_w.sum(1, keepdims=True)).astype(jnp.bfloat16)
@@ -882,9 +891,9 @@ def check_command_buffers(process, num_processes, *, seed=5, num_tokens=96, hidd
   results = {}
   for name, compiled in (("graphs", with_graphs), ("plain", without), ("graphs2", with_graphs)):
     for _ in range(3):
-      out, counts = compiled(*args)
-    results[name] = {r: (o, c) for (r, o), c in zip(_local_ranks(out).items(),
-                                                   _local_ranks(counts).values())}
+      outs = compiled(*args)
+    per_rank = [_local_ranks(o) for o in outs]  # (out, counts[, split out, split counts])
+    results[name] = {r: tuple(p[r] for p in per_rank) for r in per_rank[0]}
   if low_latency:
     ref = reference_low_latency_dispatch(xs, idxs, N, E)
     ys = [np.nan_to_num(2 * r["recv_x"]) for r in ref]
@@ -894,14 +903,16 @@ def check_command_buffers(process, num_processes, *, seed=5, num_tokens=96, hidd
     ref = reference_dispatch(xs, idxs, ws, E)
     ys = [(r["recv_x"] * r["recv_topk_weights"].sum(1, keepdims=True)) for r in ref]
     expected, _ = reference_combine(ys, ref, N)
-  for rank, (out, counts) in results["plain"].items():
+  for rank, got in results["plain"].items():
+    out, counts = got[:2]
     for other in ("graphs", "graphs2"):
-      np.testing.assert_array_equal(results[other][rank][0], out, f"rank {rank} {other}")
-      np.testing.assert_array_equal(results[other][rank][1], counts, f"rank {rank} {other}")
+      for k, (a, b) in enumerate(zip(results[other][rank], got)):
+        np.testing.assert_array_equal(a, b, f"rank {rank} {other} output {k}")
     if low_latency:
-      np.testing.assert_array_equal(counts, ref[rank]["recv_count"], f"rank {rank}")
-      err = np.abs(out.astype(np.float32) - expected[rank])
-      assert (err <= u * np.abs(expected[rank]) + slack[rank]).all(), f"rank {rank}"
+      for o, c, form in ((out, counts, ""), (got[2], got[3], " split form")):
+        np.testing.assert_array_equal(c, ref[rank]["recv_count"], f"rank {rank}{form}")
+        err = np.abs(o.astype(np.float32) - expected[rank])
+        assert (err <= u * np.abs(expected[rank]) + slack[rank]).all(), f"rank {rank}{form}"
     else:
       np.testing.assert_allclose(out.astype(np.float32), expected[rank], rtol=2e-2, atol=2e-2)
   buf.destroy()
