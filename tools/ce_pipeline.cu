@@ -44,24 +44,22 @@
 #include <cuda.h>
 #include <unistd.h>
 
+#include "cuda_check.h"
+
 // Stream memory operations come from the driver API; fetched through the
 // runtime so that nothing links libcuda.
-using WaitValue64Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
-using WriteValue64Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
-static WaitValue64Fn StreamWaitValue64 = nullptr;
+using Value64Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
 using Value32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+static Value64Fn StreamWaitValue64 = nullptr, StreamWriteValue64 = nullptr;
 static Value32Fn StreamWaitValue32 = nullptr, StreamWriteValue32 = nullptr;
-static WriteValue64Fn StreamWriteValue64 = nullptr;
 
-#define CHECK(x)                                                               \
-  do {                                                                         \
-    cudaError_t e_ = (x);                                                      \
-    if (e_ != cudaSuccess) {                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,           \
-                   cudaGetErrorString(e_));                                    \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
+// A stream memory operation's result; on an error, says which and exits.
+static void CheckDriver(CUresult res, const char* what) {
+  if (res != CUDA_SUCCESS) {
+    std::fprintf(stderr, "%s: CUresult %d\n", what, int(res));
+    std::exit(1);
+  }
+}
 
 __device__ __forceinline__ uint64_t LoadAcquireSys(const uint64_t* p) {
   uint64_t v;
@@ -102,19 +100,27 @@ __device__ void CopyRows(const int4* from, int4* to, int64_t words) {
 
 __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Host-mapped progress words, for a hang: [g*16 + 0] WaitGo started, [+1] go
-// seen by WaitGo, [+2] go set by the kernel, [+3 + c] chunk c's flag seen.
-__device__ uint64_t* g_progress;
-
 constexpr int kThreads = 1024;
+
+// Rank::words, one u64 each: go (seq), hello (written by the peer), go as the
+// value 1 (mode 5), then kMaxChunks chunk flags (written by the peer) and the
+// flag sources the copies send.
+constexpr int kWordGo = 0, kWordHello = 1, kWordGoOne = 2;
+constexpr int kMaxChunks = 64;
+constexpr int kWordFlags = 8, kWordFlagSources = kWordFlags + kMaxChunks;
+
+// Host-mapped progress words, for a hang, kProgressStride per GPU g:
+// [0] WaitGo started, [1] go seen by WaitGo, [2] go set by the kernel,
+// [3 + c] chunk c's flag seen.
+constexpr int kProgressStride = 3 + kMaxChunks;
+__device__ uint64_t* g_progress;
 
 struct Rank {
   char* x;            // [N, row] own rows
   char* stage;        // [N, row] written by the peer's copies
   char* recv;         // [2N, row]
   int id;
-  uint64_t* words;    // [0] go, [1] hello (written by peer), [2..2+C) flags (by peer),
-                      // [64..64+C) flag sources
+  uint64_t* words;    // laid out by the kWord* indices above
 };
 
 __global__ void __launch_bounds__(kThreads)
@@ -122,12 +128,12 @@ __global__ void __launch_bounds__(kThreads)
                   int chunks, int drain) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     StoreReleaseSys(peer_hello, seq);
-    WaitFor(me.words + 1, seq, "hello", 0);
-    for (int c = 0; c < chunks; ++c) me.words[64 + c] = seq;  // the flags this op sends
+    WaitFor(me.words + kWordHello, seq, "hello", 0);
+    for (int c = 0; c < chunks; ++c) me.words[kWordFlagSources + c] = seq;  // the flags this op sends
     __threadfence_system();
-    StoreReleaseSys(me.words + 0, seq);  // go: the peer's stage is free
-    StoreReleaseSys(me.words + 8, 1);    // go, as the value 1 (mode 5)
-    StoreReleaseSys(g_progress + me.id * 16 + 2, seq);
+    StoreReleaseSys(me.words + kWordGo, seq);  // go: the peer's stage is free
+    StoreReleaseSys(me.words + kWordGoOne, 1);
+    StoreReleaseSys(g_progress + me.id * kProgressStride + 2, seq);
   }
   const int64_t row_words = row_bytes / 16;
   // Own rows.
@@ -144,8 +150,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t per = (c1 - c0 + gridDim.x - 1) / gridDim.x;
     const int64_t a = Min64(c1, c0 + per * blockIdx.x), b = Min64(c1, a + per);
     if (threadIdx.x == 0) {
-      WaitFor(me.words + 2 + c, seq, "chunk flag", c);
-      if (blockIdx.x == 0) StoreReleaseSys(g_progress + me.id * 16 + 3 + c, seq);
+      WaitFor(me.words + kWordFlags + c, seq, "chunk flag", c);
+      if (blockIdx.x == 0) StoreReleaseSys(g_progress + me.id * kProgressStride + 3 + c, seq);
     }
     __syncthreads();
     CopyRows(reinterpret_cast<const int4*>(me.stage) + a * row_words,
@@ -153,13 +159,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Waits for "go", then lays out this op's flag words for the copies.
-__global__ void WaitGo(uint64_t* words, uint64_t seq, int chunks, int id) {
-  StoreReleaseSys(g_progress + id * 16 + 0, seq);
-  WaitFor(words, seq, "go", 0);
-  StoreReleaseSys(g_progress + id * 16 + 1, seq);
-  for (int c = 0; c < chunks; ++c) words[64 + c] = seq;
-  __threadfence_system();
+// Waits for "go" (the dispatch kernel wrote this op's flag sources before it).
+__global__ void WaitGo(uint64_t* words, uint64_t seq, int id) {
+  StoreReleaseSys(g_progress + id * kProgressStride + 0, seq);
+  WaitFor(words + kWordGo, seq, "go", 0);
+  StoreReleaseSys(g_progress + id * kProgressStride + 1, seq);
 }
 
 __global__ void StoreFlag(uint64_t* flag, const uint64_t* src) { StoreReleaseSys(flag, *src); }
@@ -184,8 +188,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&r[g].x, bytes));
     CHECK(cudaMalloc(&r[g].stage, bytes));
     CHECK(cudaMalloc(&r[g].recv, 2 * bytes));
-    CHECK(cudaMalloc(&r[g].words, 4096));
-    CHECK(cudaMemset(r[g].words, 0, 4096));
+    CHECK(cudaMalloc(&r[g].words, (kWordFlagSources + kMaxChunks) * sizeof(uint64_t)));
+    CHECK(cudaMemset(r[g].words, 0, (kWordFlagSources + kMaxChunks) * sizeof(uint64_t)));
     CHECK(cudaMemset(r[g].x, 1 + g, bytes));
     CHECK(cudaStreamCreateWithFlags(&main_s[g], cudaStreamNonBlocking));
     CHECK(cudaStreamCreateWithFlags(&a_s[g], cudaStreamNonBlocking));
@@ -209,8 +213,9 @@ int main(int argc, char** argv) {
     }
   }
   volatile uint64_t* progress = nullptr;
-  CHECK(cudaHostAlloc((void**)&progress, 4096, cudaHostAllocMapped | cudaHostAllocPortable));
-  for (int i = 0; i < 512; ++i) progress[i] = 0;
+  CHECK(cudaHostAlloc((void**)&progress, 2 * kProgressStride * sizeof(uint64_t),
+                      cudaHostAllocMapped | cudaHostAllocPortable));
+  for (int i = 0; i < 2 * kProgressStride; ++i) progress[i] = 0;
   for (int g = 0; g < 2; ++g) {
     CHECK(cudaSetDevice(g));
     uint64_t* dev = nullptr;
@@ -247,43 +252,36 @@ int main(int argc, char** argv) {
         if (flag_mode == -1) {  // copy engines alone, the whole x at once
           CHECK(cudaMemcpyAsync(r[p].stage, r[g].x, bytes, cudaMemcpyDeviceToDevice, main_s[g]));
         } else if (flag_mode == -2) {  // the kernel's own rows alone
-          DispatchModel<<<sms, kThreads, 0, main_s[g]>>>(r[g], r[p].words + 1, seq, rows, row_bytes, 1, 0);
+          DispatchModel<<<sms, kThreads, 0, main_s[g]>>>(r[g], r[p].words + kWordHello, seq, rows, row_bytes, 1, 0);
           CHECK(cudaGetLastError());
         } else {
           CHECK(cudaEventRecord(fork[g], main_s[g]));
           CHECK(cudaStreamWaitEvent(a_s[g], fork[g], 0));
           CHECK(cudaStreamWaitEvent(b_s[g], fork[g], 0));
-          DispatchModel<<<sms, kThreads, 0, main_s[g]>>>(r[g], r[p].words + 1, seq, rows, row_bytes,
+          DispatchModel<<<sms, kThreads, 0, main_s[g]>>>(r[g], r[p].words + kWordHello, seq, rows, row_bytes,
                                                     chunks, 1);
           CHECK(cudaGetLastError());
           if (flag_mode == 5) {
             // Waits for go == 1, then puts it back to 0: no value the host must know.
-            CUresult res = StreamWaitValue32(a_s[g], reinterpret_cast<CUdeviceptr>(r[g].words + 8), 1,
-                                             CU_STREAM_WAIT_VALUE_EQ);
-            if (res == CUDA_SUCCESS)
-              res = StreamWriteValue32(a_s[g], reinterpret_cast<CUdeviceptr>(r[g].words + 8), 0, 0);
-            if (res != CUDA_SUCCESS) {
-              std::fprintf(stderr, "stream memory operation: %d\n", int(res));
-              std::exit(1);
-            }
+            const auto go = reinterpret_cast<CUdeviceptr>(r[g].words + kWordGoOne);
+            CheckDriver(StreamWaitValue32(a_s[g], go, 1, CU_STREAM_WAIT_VALUE_EQ),
+                        "cuStreamWaitValue32");
+            CheckDriver(StreamWriteValue32(a_s[g], go, 0, 0), "cuStreamWriteValue32");
           } else if (flag_mode == 4) {
             // The copy stream waits for "go" by a stream memory operation.
-            CUresult res = StreamWaitValue64(a_s[g], reinterpret_cast<CUdeviceptr>(r[g].words), seq,
-                                               CU_STREAM_WAIT_VALUE_EQ);
-            if (res != CUDA_SUCCESS) {
-              std::fprintf(stderr, "cuStreamWaitValue64: %d\n", int(res));
-              std::exit(1);
-            }
+            CheckDriver(StreamWaitValue64(a_s[g], reinterpret_cast<CUdeviceptr>(r[g].words + kWordGo), seq,
+                                          CU_STREAM_WAIT_VALUE_EQ),
+                        "cuStreamWaitValue64");
           } else if (flag_mode != 3) {
-            WaitGo<<<1, 1, 0, a_s[g]>>>(r[g].words, seq, chunks, g);
+            WaitGo<<<1, 1, 0, a_s[g]>>>(r[g].words, seq, g);
             CHECK(cudaGetLastError());
           }
           for (int c = 0; c < chunks; ++c) {
             const int64_t c0 = c * chunk_rows, c1 = std::min(rows, c0 + chunk_rows);
             CHECK(cudaMemcpyAsync(r[p].stage + c0 * row_bytes, r[g].x + c0 * row_bytes,
                                   (c1 - c0) * row_bytes, cudaMemcpyDeviceToDevice, a_s[g]));
-            uint64_t* flag = r[p].words + 2 + c;
-            const uint64_t* src = r[g].words + 64 + c;
+            uint64_t* flag = r[p].words + kWordFlags + c;
+            const uint64_t* src = r[g].words + kWordFlagSources + c;
             if (flag_mode == 5) {
               CHECK(cudaEventRecord(chunk_ev[g][c], a_s[g]));
               CHECK(cudaStreamWaitEvent(b_s[g], chunk_ev[g][c], 0));
@@ -292,11 +290,8 @@ int main(int argc, char** argv) {
               // No flag source words were laid out: the host knows seq here.
               CHECK(cudaEventRecord(chunk_ev[g][c], a_s[g]));
               CHECK(cudaStreamWaitEvent(b_s[g], chunk_ev[g][c], 0));
-              CUresult res = StreamWriteValue64(b_s[g], reinterpret_cast<CUdeviceptr>(flag), seq, 0);
-              if (res != CUDA_SUCCESS) {
-                std::fprintf(stderr, "cuStreamWriteValue64: %d\n", int(res));
-                std::exit(1);
-              }
+              CheckDriver(StreamWriteValue64(b_s[g], reinterpret_cast<CUdeviceptr>(flag), seq, 0),
+                          "cuStreamWriteValue64");
             } else if (flag_mode == 2) {
               CHECK(cudaMemcpyAsync(flag, src, 8, cudaMemcpyDeviceToDevice, a_s[g]));
             } else {
@@ -328,9 +323,9 @@ int main(int argc, char** argv) {
         if (spins > 2000) {
           for (int g = 0; g < 2; ++g) {
             std::printf("HANG %s GPU%d seq %llu: WaitGo started %llu, WaitGo saw go %llu, kernel set go %llu, flags seen",
-                        name, g, (unsigned long long)seq, (unsigned long long)progress[g * 16],
-                        (unsigned long long)progress[g * 16 + 1], (unsigned long long)progress[g * 16 + 2]);
-            for (int c = 0; c < chunks; ++c) std::printf(" %llu", (unsigned long long)progress[g * 16 + 3 + c]);
+                        name, g, (unsigned long long)seq, (unsigned long long)progress[g * kProgressStride],
+                        (unsigned long long)progress[g * kProgressStride + 1], (unsigned long long)progress[g * kProgressStride + 2]);
+            for (int c = 0; c < chunks; ++c) std::printf(" %llu", (unsigned long long)progress[g * kProgressStride + 3 + c]);
             std::printf("\n");
           }
           std::fflush(stdout);
@@ -391,6 +386,11 @@ int main(int argc, char** argv) {
     for (const char* q = which; *q;) {
       int chunks = 0, mode = 0, used = 0;
       if (std::sscanf(q, "%d:%d%n", &chunks, &mode, &used) != 2) break;
+      if (chunks < 1 || chunks > kMaxChunks || mode < 0 || mode > 5) {
+        std::fprintf(stderr, "chunks must be 1..%d and mode 0..5, got %d:%d\n", kMaxChunks, chunks,
+                     mode);
+        return 1;
+      }
       char name[64];
       std::snprintf(name, sizeof name, "pipeline chunks %2d flag mode %d", chunks, mode);
       run(chunks, mode, name);

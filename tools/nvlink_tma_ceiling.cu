@@ -13,18 +13,9 @@
 #include <vector>
 
 #include "common.cuh"
+#include "cuda_check.h"
 
 using namespace jax_ep;
-
-#define CHECK(x)                                                               \
-  do {                                                                         \
-    cudaError_t e_ = (x);                                                      \
-    if (e_ != cudaSuccess) {                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,           \
-                   cudaGetErrorString(e_));                                    \
-      std::exit(1);                                                            \
-    }                                                                          \
-  } while (0)
 
 enum Mode : int {
   kPush = 1,       // local row -> peer
